@@ -1,0 +1,100 @@
+"""``--spawn``: run a local ticketbooth service for the length of a load test.
+
+The service is started as a subprocess (``python -m app serve`` on
+127.0.0.1, port 0) and known only by the URL it prints; it is never imported.
+Every wait is bounded, and the process is always stopped (SIGTERM, then
+SIGKILL if it does not exit in time) when the ``with`` block ends.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO
+
+__all__ = ["SpawnError", "serve_command", "spawned_service"]
+
+_LISTENING = re.compile(r"^ticketbooth listening on (http://\S+)\s*$")
+#: Seconds to wait for the service to print its listening line.
+START_TIMEOUT = 30.0
+#: Seconds to wait for the service to exit after SIGTERM before killing it.
+STOP_TIMEOUT = 10.0
+
+UNSAFE_STORE = "unsafe-memory"
+
+
+class SpawnError(Exception):
+    """The service could not be started."""
+
+
+def serve_command(tickets: int, store: str, extra: Sequence[str] = ()) -> list[str]:
+    """The command line that starts the service on a free loopback port."""
+    cmd = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
+           "--tickets", str(tickets), "--store", store]
+    if store == UNSAFE_STORE:
+        cmd.append("--allow-unsafe")
+    return cmd + list(extra)
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    """Read the service's stdout to its end, so that it can never block on a full pipe."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+
+
+@contextmanager
+def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
+                    start_timeout: float = START_TIMEOUT) -> Iterator[str]:
+    """Start the service, yield its base URL, stop it afterwards.
+
+    The service's stderr (its logs and warnings) goes to ours.
+    """
+    cmd = serve_command(tickets, store, extra)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                text=True, env=env)
+    except OSError as exc:
+        raise SpawnError(f"cannot start the service ({' '.join(cmd)}): {exc}") from exc
+    try:
+        assert proc.stdout is not None
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True,
+                         name="spawned-stdout").start()
+        url = None
+        deadline = time.monotonic() + start_timeout
+        try:
+            while url is None:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+                if line is None:
+                    status = proc.wait(STOP_TIMEOUT)
+                    raise SpawnError(f"the spawned service exited with status {status} "
+                                     "before it was listening (its messages are above)")
+                match = _LISTENING.match(line)
+                if match:
+                    url = match.group(1)
+        except queue.Empty:
+            raise SpawnError(f"the spawned service did not say it was listening "
+                             f"within {start_timeout:g} s") from None
+        yield url
+    finally:
+        _stop(proc)
