@@ -75,11 +75,12 @@ def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
                                 text=True, env=env)
     except OSError as exc:
         raise SpawnError(f"cannot start the service ({' '.join(cmd)}): {exc}") from exc
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True,
+                            name="spawned-stdout")
     try:
-        assert proc.stdout is not None
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True,
-                         name="spawned-stdout").start()
+        pump.start()
         url = None
         deadline = time.monotonic() + start_timeout
         try:
@@ -98,3 +99,5 @@ def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
         yield url
     finally:
         _stop(proc)
+        pump.join(STOP_TIMEOUT)  # the pipe ends when the service has exited
+        proc.stdout.close()
