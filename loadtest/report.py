@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -246,7 +247,11 @@ class Progress:
             total, unit = float(plan.duration), "s"
         else:
             total, unit = float(max(tickets_left, 0)), "ticket"
-        self._bar = tqdm(total=total, unit=unit, file=stream, leave=False, dynamic_ncols=True)
+        # shutil falls back to 80x24 where the terminal reports no size (a fresh pty), on
+        # which tqdm would otherwise show nothing.
+        size = shutil.get_terminal_size((80, 24))
+        self._bar = tqdm(total=total, unit=unit, file=stream, leave=False, ncols=size.columns,
+                         nrows=size.lines)
 
     def update(self, booths: Sequence[BoothStats], elapsed: float) -> None:
         if self._bar is None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,39 @@ def test_nothing_listening_exits_2_with_one_clear_line(dead_url: str, tmp_path: 
         f"ticketbooth-load: error: cannot reach the service at {dead_url}/remaining: "
         "connection refused (is the service running?)\n")
     assert not (tmp_path / "r.json").exists()
+
+
+def _read_terminal(fd: int, limit_s: float = 60.0) -> bytes:
+    """Everything written to a pseudo-terminal until its other side is closed (bounded)."""
+    chunks = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the writer has gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_progress_bar_on_a_terminal() -> None:
+    """With stdout a terminal a tqdm bar shows (tests in pipes check it does not)."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loadtest", "--spawn", "--tickets", "200", "--think", "2"],
+            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL,
+        )
+        os.close(slave)
+        output = _read_terminal(master).decode(errors="replace")
+        assert proc.wait(60) == 0
+    finally:
+        os.close(master)
+    assert "/200" in output and "ticket" in output  # the bar: n/200 tickets
+    assert "\r" in output
+    assert "PASS: all 4 checks passed" in output
