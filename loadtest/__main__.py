@@ -2,4 +2,6 @@
 
 from loadtest.cli import main
 
-raise SystemExit(main())
+# Guarded: --processes starts workers with "spawn", which imports this module again.
+if __name__ == "__main__":
+    raise SystemExit(main())

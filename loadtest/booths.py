@@ -54,6 +54,7 @@ class LoadPlan:
     rate: float | None = None
     think_s: float = 0.0
     timeout: float = 10.0
+    processes: int = 1
 
     @property
     def until_sold_out(self) -> bool:
@@ -90,17 +91,19 @@ class _Budget:
 class _Control:
     """What the booths share: the start time, the stop flag and the budget."""
 
-    def __init__(self, plan: LoadPlan) -> None:
+    def __init__(self, plan: LoadPlan, budget: int | None, origin: float | None,
+                 booths: int) -> None:
         self.plan = plan
         self.stop = threading.Event()
         self.origin = 0.0
         self.deadline: float | None = None
-        closed_budget = plan.requests is not None and not plan.rate
-        self.budget = _Budget(plan.requests) if closed_budget and plan.requests else None
-        self.barrier = threading.Barrier(plan.booths + 1, action=self._set_origin)
+        self.budget = _Budget(budget) if budget is not None and not plan.rate else None
+        self._fixed_origin = origin
+        self.barrier = threading.Barrier(booths + 1, action=self._set_origin)
 
     def _set_origin(self) -> None:
-        self.origin = time.perf_counter()
+        fixed = self._fixed_origin
+        self.origin = fixed if fixed is not None else time.perf_counter()
         if self.plan.duration is not None:
             self.deadline = self.origin + self.plan.duration
 
@@ -164,6 +167,9 @@ class _Booth:
     def run(self) -> None:
         try:
             self.control.barrier.wait(_START_TIMEOUT)
+            early = self.control.origin - time.perf_counter()  # a start set by another process
+            if early > 0 and self.control.stop.wait(early):
+                return
             if self.control.plan.rate:
                 self._open_loop()
             else:
@@ -205,7 +211,7 @@ class _Booth:
         stop, deadline, rate, limit = control.stop, control.deadline, plan.rate, plan.requests
         until_sold_out = plan.until_sold_out
         perf = time.perf_counter
-        slot, step = self.index, plan.booths
+        slot, step = self.index, plan.booths  # the index is global across processes
         failures = 0
         while not stop.is_set():
             if limit is not None and slot >= limit:
@@ -265,16 +271,27 @@ class _Booth:
 
 def run_load(plan: LoadPlan,
              on_tick: Callable[[Sequence[BoothStats], float], None] | None = None,
-             tick_s: float = 0.2) -> LoadResult:
+             tick_s: float = 0.2,
+             *,
+             booth_ids: Sequence[int] | None = None,
+             budget: int | None = None,
+             origin: float | None = None,
+             should_stop: Callable[[], bool] | None = None) -> LoadResult:
     """Run the booths until they stop; call ``on_tick(stats, elapsed)`` now and then.
 
-    Ctrl-C stops the booths (each finishes or times out its request in
+    By default this runs all ``plan.booths`` booths in this process.  A process
+    that runs a share of them (``--processes``) passes its ``booth_ids``
+    (0-based, global: they choose the URL and the open-loop slots), its share
+    of the request ``budget``, the common ``origin`` (a ``perf_counter``
+    time, the same clock in every process) and ``should_stop``, polled every
+    tick.  Ctrl-C stops the booths (each finishes or times out its request in
     flight) and the partial result is returned with ``interrupted`` set.
     """
     if not plan.urls:
         raise ValueError("no URL to test")
-    control = _Control(plan)
-    booths = [_Booth(i, plan.urls[i % len(plan.urls)], control) for i in range(plan.booths)]
+    ids = range(plan.booths) if booth_ids is None else booth_ids
+    control = _Control(plan, plan.requests if booth_ids is None else budget, origin, len(ids))
+    booths = [_Booth(i, plan.urls[i % len(plan.urls)], control) for i in ids]
     threads = [threading.Thread(target=b.run, name=f"booth-{b.stats.booth}", daemon=True)
                for b in booths]
     for t in threads:
@@ -287,6 +304,9 @@ def run_load(plan: LoadPlan,
                 t.join(tick_s)
                 if on_tick is not None:
                     on_tick([b.stats for b in booths], time.perf_counter() - control.origin)
+                if should_stop is not None and should_stop():
+                    interrupted = True
+                    control.stop.set()
     except KeyboardInterrupt:
         interrupted = True
         control.stop.set()
@@ -298,6 +318,7 @@ def run_load(plan: LoadPlan,
     for b in booths:
         if b.failure is not None:
             raise b.failure
-    elapsed = max(b.finished_at for b in booths) - control.origin if control.origin else 0.0
+    ends = [b.finished_at for b in booths]
+    elapsed = max(ends) - control.origin if control.origin and ends else 0.0
     return LoadResult(booths=[b.stats for b in booths], elapsed=max(elapsed, 0.0),
                       interrupted=interrupted)

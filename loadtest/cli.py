@@ -26,9 +26,10 @@ from loadtest.checks import (
     check_thresholds,
     run_checks,
 )
+from loadtest.processes import run_load_processes
 from loadtest.report import Progress, Report, format_text, to_json, verdict, write_plot
 from loadtest.spawn import SpawnError, spawned_service
-from loadtest.stats import latency_summary, merge
+from loadtest.stats import BoothStats, latency_summary, merge
 
 __all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_THRESHOLD", "EXIT_USAGE", "main", "run"]
 
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--think", type=_non_negative_float, default=0.0, metavar="MS",
                       help="pause in milliseconds between one booth's purchases (closed loop "
                            "only; default 0)")
+    load.add_argument("--processes", type=_positive_int, default=1, metavar="P",
+                      help="spread the booths over P worker processes when one Python process "
+                           "cannot keep up (default 1: all booths are threads of this process)")
     load.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                       help="timeout of each request (default 10)")
 
@@ -219,7 +223,8 @@ def read_remaining(base_url: str) -> Snapshot:
 def _plan(args: argparse.Namespace, urls: Sequence[str]) -> LoadPlan:
     return LoadPlan(urls=tuple(urls), booths=args.booths, quantity=args.quantity,
                     requests=args.requests, duration=args.duration, rate=args.rate,
-                    think_s=args.think / 1000.0, timeout=args.timeout)
+                    think_s=args.think / 1000.0, timeout=args.timeout,
+                    processes=args.processes)
 
 
 def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, object] | None,
@@ -232,7 +237,14 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
     progress = Progress(plan, before.remaining, enabled=out.isatty() and not args.quiet,
                         stream=out)
     try:
-        result = run_load(plan, on_tick=progress.update)
+        if plan.processes > 1:
+            result = run_load_processes(plan, on_tick=progress.update)
+        else:
+            def tick(booths: Sequence[BoothStats], elapsed: float) -> None:
+                progress.update(sum(b.requests for b in booths), sum(b.tickets for b in booths),
+                                sum(b.error_count for b in booths), elapsed)
+
+            result = run_load(plan, on_tick=tick)
     finally:
         progress.close()
     after: Snapshot | None = None

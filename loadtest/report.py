@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +62,8 @@ def _stop_condition(plan: LoadPlan) -> str:
 def describe_plan(plan: LoadPlan) -> str:
     loop = f"open loop at {plan.rate:g} requests/s" if plan.rate else "closed loop"
     think = f", think {plan.think_s * 1000:g} ms" if plan.think_s else ""
-    return (f"{plan.booths} booths, {loop}, quantity {plan.quantity}{think}, "
+    procs = f" in {min(plan.processes, plan.booths)} processes" if plan.processes > 1 else ""
+    return (f"{plan.booths} booths{procs}, {loop}, quantity {plan.quantity}{think}, "
             f"{_stop_condition(plan)}")
 
 
@@ -170,6 +170,7 @@ def to_json(report: Report) -> dict[str, Any]:
             "rate": plan.rate,
             "think_ms": plan.think_s * 1000.0,
             "timeout_s": plan.timeout,
+            "processes": plan.processes,
             "mode": plan.mode,
             "until_sold_out": plan.until_sold_out,
             "spawn": report.spawn,
@@ -253,20 +254,18 @@ class Progress:
         self._bar = tqdm(total=total, unit=unit, file=stream, leave=False, ncols=size.columns,
                          nrows=size.lines)
 
-    def update(self, booths: Sequence[BoothStats], elapsed: float) -> None:
+    def update(self, requests: int, tickets: int, errors: int, elapsed: float) -> None:
         if self._bar is None:
             return
         plan = self._plan
         if plan.requests is not None:
-            done = float(sum(b.requests for b in booths))
+            done = float(requests)
         elif plan.duration is not None:
             done = min(elapsed, plan.duration)
         else:
-            done = float(sum(b.tickets for b in booths))
-        done = min(done, self._bar.total)
-        self._bar.n = done if not math.isnan(done) else 0
-        self._bar.set_postfix(requests=sum(b.requests for b in booths),
-                              errors=sum(b.error_count for b in booths), refresh=False)
+            done = float(tickets)
+        self._bar.n = max(min(done, self._bar.total), 0.0)
+        self._bar.set_postfix(requests=requests, errors=errors, refresh=False)
         self._bar.refresh()
 
     def close(self) -> None:

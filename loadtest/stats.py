@@ -74,6 +74,16 @@ class BoothStats:
     def error_count(self) -> int:
         return sum(self.errors.values())
 
+    def __getstate__(self) -> dict[str, object]:
+        # HdrHistogram's counts are a ctypes array, which does not pickle: send it encoded.
+        state = self.__dict__.copy()
+        state["histogram"] = self.histogram.encode()
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        state["histogram"] = HdrHistogram.decode(state["histogram"])
+        self.__dict__.update(state)
+
     def record(self, done_at: float, latency_us: int, outcome: int) -> None:
         """Record one request's timing (the counters are updated by the caller)."""
         self.requests += 1

@@ -140,3 +140,20 @@ def test_make_demo_tells_the_stores_apart(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "demo: OK" in out
     assert out.count("as expected") == 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [pytest.param(["--requests", "101"], id="closed-budget-split"),
+     pytest.param(["--requests", "60", "--rate", "300"], id="open-loop-global-slots")],
+)
+def test_processes_share_the_booths(big_service: str, tmp_path: Path, extra: list[str]) -> None:
+    out = tmp_path / "run.json"
+    assert run(["--url", big_service, "--processes", "2", "--booths", "5", *extra,
+                "--json", str(out), "--quiet"]) == 0
+    data = _load(out)
+    assert data["config"]["processes"] == 2
+    assert [b["booth"] for b in data["booths"]] == [1, 2, 3, 4, 5]
+    assert data["requests"] == int(extra[1])
+    assert data["tickets_acknowledged"] == data["requests"]
+    assert all(c["passed"] for c in data["checks"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from loadtest.processes import split_budget
 from loadtest.stats import (
     OUTCOME_ERROR,
     OUTCOME_OK,
@@ -110,3 +111,18 @@ def test_timeseries_buckets_by_completion_second_and_keeps_gaps() -> None:
     assert rows[1]["p99_ms"] == 0.0
     assert rows[2]["errors"] == 1
     assert timeseries([]) == []
+
+
+@pytest.mark.parametrize(
+    ("total", "shares", "expected"),
+    [
+        (None, [3, 2], [None, None]),
+        (101, [3, 2], [61, 40]),
+        (10, [1, 1, 1], [4, 3, 3]),
+        (1, [2, 2], [1, 0]),
+        (0, [5], [0]),
+    ],
+)
+def test_split_budget_sums_to_the_total(total: int | None, shares: list[int],
+                                        expected: list[int | None]) -> None:
+    assert split_budget(total, shares) == expected
