@@ -127,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--quantity", type=_positive_int, default=1, metavar="K",
                       help="tickets asked for in each purchase (default 1)")
     load.add_argument("--requests", type=_positive_int, metavar="N",
-                      help="stop after N requests in total (default: each booth stops when the "
-                           "service answers sold out)")
+                      help="stop after N requests in total; booths then go on past sold out, "
+                           "counting 409 answers (default: each booth stops at its first sold-out "
+                           "answer)")
     load.add_argument("--duration", type=_positive_float, metavar="SECONDS",
-                      help="stop after this many seconds (default: until sold out); with "
-                           "--requests, whichever comes first")
+                      help="stop after this many seconds, going on past sold out like "
+                           "--requests; with --requests, whichever comes first (default: until "
+                           "sold out)")
     load.add_argument("--rate", type=_positive_float, metavar="R",
                       help="open loop: send R requests per second in total at a constant rate, "
                            "measuring latency from each request's intended send time "
