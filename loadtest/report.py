@@ -146,6 +146,9 @@ def format_text(report: Report) -> str:
 def verdict(report: Report) -> str:
     """The one-line outcome, naming what failed."""
     n = len(report.checks)
+    if report.interrupted:
+        failed = ", ".join(report.failed_checks) or "none"
+        return f"INTERRUPTED: the run was cut short (failed checks: {failed})"
     if report.failed_checks:
         return (f"FAIL: {len(report.failed_checks)} of {n} checks failed: "
                 f"{', '.join(report.failed_checks)}")

@@ -71,8 +71,10 @@ def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
     cmd = serve_command(tickets, store, extra)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
+        # Its own process group: a Ctrl-C at the terminal interrupts the load test, which
+        # then still reads /remaining from the service before it stops it.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                text=True, env=env)
+                                text=True, env=env, process_group=0)
     except OSError as exc:
         raise SpawnError(f"cannot start the service ({' '.join(cmd)}): {exc}") from exc
     assert proc.stdout is not None
