@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Extra flags for `make run`, e.g. make run ARGS="--tickets 1000"
 ARGS ?=
 
-.PHONY: run test lint typecheck clean
+.PHONY: run test lint typecheck clean demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(VENV)/.installed-run
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The lesson over HTTP: the default load test against the real store (all checks pass)
+# and against the unsafe one (the checks catch it); succeeds when both go as expected.
+demo: $(VENV)/.installed-run
+	$(BIN)/python -m loadtest.demo
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -204,19 +204,24 @@ def to_json(report: Report) -> dict[str, Any]:
 
 
 def write_plot(report: Report, path: str) -> None:
-    """Throughput and latency percentiles per second, as a PNG (matplotlib, Agg backend)."""
+    """Throughput and latency percentiles over time, as a PNG (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = timeseries(report.stats.booths)
+    # Short runs get finer buckets, so that they show more than one or two steps.
+    bucket = 1.0 if report.elapsed >= 10 else 0.1
+    rows = timeseries(report.stats.booths, bucket_s=bucket)
+    if rows:  # repeat the last bucket at its end, so that its step is drawn
+        rows.append(dict(rows[-1], t=rows[-1]["t"] + bucket))
     t = [r["t"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
     try:
-        for key, label in (("throughput_rps", "all requests"), ("ok", "200 sold"),
-                           ("sold_out", "409 sold out"), ("errors", "errors")):
-            top.plot(t, [r[key] for r in rows], label=label, drawstyle="steps-post")
+        for key, label, style in (("requests", "all requests", "--"), ("ok", "200 sold", "-"),
+                                  ("sold_out", "409 sold out", "-"), ("errors", "errors", "-")):
+            top.plot(t, [r[key] / bucket for r in rows], style, label=label,
+                     drawstyle="steps-post")
         top.set_ylabel("requests/s")
         top.set_title(f"ticketbooth load test: {describe_plan(report.plan)}", fontsize=9)
         top.legend(loc="best", fontsize=8)
@@ -225,11 +230,11 @@ def write_plot(report: Report, path: str) -> None:
             bottom.plot(t, [r[key] for r in rows], label=key.removesuffix("_ms"),
                         drawstyle="steps-post")
         bottom.set_ylabel("latency (ms)")
-        bottom.set_xlabel("seconds since start (1 s buckets)")
+        bottom.set_xlabel(f"seconds since start ({bucket:g} s buckets)")
         bottom.legend(loc="best", fontsize=8)
         bottom.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, format="png")
     finally:
         plt.close(fig)
 
