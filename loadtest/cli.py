@@ -236,8 +236,9 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
         _get_json(url + "/healthz")
     plan = _plan(args, urls)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    progress = Progress(plan, before.remaining, enabled=out.isatty() and not args.quiet,
-                        stream=out)
+    # The bar only on a terminal: never in pipes or CI logs (with --json - stdout is the JSON).
+    show_bar = sys.stdout.isatty() and out.isatty() and not args.quiet
+    progress = Progress(plan, before.remaining, enabled=show_bar, stream=out)
     try:
         if plan.processes > 1:
             result = run_load_processes(plan, on_tick=progress.update)
