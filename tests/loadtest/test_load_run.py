@@ -12,6 +12,7 @@ import pytest
 from loadtest.checks import CHECK_NAMES
 from loadtest.cli import run
 from loadtest.demo import demo
+from loadtest.spawn import spawned_service
 
 #: The top-level fields of the JSON result, as documented in the README.
 JSON_FIELDS = {
@@ -120,13 +121,21 @@ def test_thresholds_exit_3(big_service: str, capsys: pytest.CaptureFixture[str])
     assert "all 4 checks passed but thresholds breached: max-p99-ms" in out
 
 
-def test_booths_are_spread_over_urls_round_robin(big_service: str, tmp_path: Path) -> None:
+def test_two_instances_sharing_one_stock(tmp_path: Path) -> None:
+    """Booths spread round-robin over two services on one SQLite file: every check passes
+    across both, the serials of both instances together included."""
+    store = f"sqlite:///{tmp_path / 'tickets.db'}"
     out = tmp_path / "run.json"
-    other = big_service.replace("127.0.0.1", "localhost")
-    assert run(["--url", big_service, "--url", other, "--booths", "4", "--requests", "40",
-                "--json", str(out), "--quiet"]) == 0
+    with spawned_service(tickets=100, store=store) as first, \
+            spawned_service(tickets=100, store=store) as second:
+        assert run(["--url", first, "--url", second, "--booths", "4", "--json", str(out),
+                    "--quiet"]) == 0
     data = _load(out)
-    assert [b["url"] for b in data["booths"]] == [big_service, other, big_service, other]
+    assert [b["url"] for b in data["booths"]] == [first, second, first, second]
+    for url in (first, second):  # both instances sold
+        assert sum(b["tickets"] for b in data["booths"] if b["url"] == url) > 0
+    assert data["tickets_acknowledged"] == 100
+    assert data["remaining_after"] == {"remaining": 0, "sold": 100, "total": 100}
 
 
 def test_spawned_service_that_cannot_start_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
