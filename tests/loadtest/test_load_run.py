@@ -132,8 +132,7 @@ def test_two_instances_sharing_one_stock(tmp_path: Path) -> None:
                     "--quiet"]) == 0
     data = _load(out)
     assert [b["url"] for b in data["booths"]] == [first, second, first, second]
-    for url in (first, second):  # both instances sold
-        assert sum(b["tickets"] for b in data["booths"] if b["url"] == url) > 0
+    assert data["errors"] == {"refused": 0, "timeout": 0, "reset": 0, "5xx": 0, "other": 0}, data
     assert data["tickets_acknowledged"] == 100
     assert data["remaining_after"] == {"remaining": 0, "sold": 100, "total": 100}
 
