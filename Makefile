@@ -7,7 +7,7 @@ ARGS ?=
 # `make run` keeps its tickets in a durable SQLite file under ./data/ (a flag in ARGS wins).
 export TICKETBOOTH_STORE ?= sqlite:///data/tickets.db
 
-.PHONY: run test lint typecheck clean
+.PHONY: run test lint typecheck clean demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ run: $(VENV)/.installed-run
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The lesson over HTTP: the default load test against the real store (all checks pass)
+# and against the unsafe one (the checks catch it); succeeds when both go as expected.
+demo: $(VENV)/.installed-run
+	$(BIN)/python -m loadtest.demo
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
