@@ -26,9 +26,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# The wheels are mounted from the builder for this one step, so they leave no layer behind.
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels /wheels/ticketbooth-*.whl
+# Only the wheels cross over: no compiler, no source tree, no pip cache.
+# (Not RUN --mount=from=builder: podman's buildah 1.28 reuses that step's cache even when
+# the builder's wheels changed, so a rebuild could ship stale code.)
+COPY --from=builder /wheels /wheels
+RUN pip install --no-index --find-links=/wheels /wheels/ticketbooth-*.whl \
+    && rm -rf /wheels
 
 # The volume's folder must exist and belong to the service's user before VOLUME,
 # or a fresh named volume is not writable by it.
