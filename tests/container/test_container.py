@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import podman_engine as engine
 import pytest
@@ -119,7 +120,7 @@ def run_container(podman: engine.Podman, image: str, name: str, volume: str, por
     )  # fmt: skip
 
 
-def curl_buy(port: int) -> tuple[int, dict[str, object]]:
+def curl_buy(port: int) -> tuple[int, dict[str, Any]]:
     proc = subprocess.run(
         [
             "curl", "--silent", "--show-error", "--max-time", "10",
