@@ -1,0 +1,103 @@
+"""waitress, run so that it can stop gracefully.
+
+waitress's own ``run()`` loops until interrupted and then abandons responses still in
+its buffers. We drive waitress's event loop ourselves instead, so that a stop request
+(SIGTERM, SIGINT, or :meth:`Server.stop` from another thread) first stops accepting,
+then lets in-flight requests finish and their responses flush, up to a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import create_server
+
+from app.settings import Settings
+
+__all__ = ["Server"]
+
+log = logging.getLogger("ticketbooth")
+
+# How long one turn of the event loop may wait for activity: also how quickly a stop
+# requested from a signal handler is noticed.
+_POLL_S = 0.1
+
+
+class Server:
+    def __init__(self, settings: Settings, app: Callable[..., Any]) -> None:
+        self.settings = settings
+        self._map: dict[int, Any] = {}
+        self._stopping = threading.Event()
+        self._server = create_server(
+            app,
+            map=self._map,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.threads,
+            ident="ticketbooth",
+            # Our app enforces the body limit itself and answers 413 in JSON; waitress's
+            # own limit only guards against bodies far past it.
+            max_request_body_size=max(settings.max_body_bytes * 4, 1 << 20),
+            clear_untrusted_proxy_headers=True,
+        )
+
+    @property
+    def url(self) -> str:
+        host = self._server.effective_host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._server.effective_port}"
+
+    @property
+    def port(self) -> int:
+        return int(self._server.effective_port)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT request a graceful stop (main thread only)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only set a flag here: the loop notices within _POLL_S.
+        self._stopping.set()
+
+    def stop(self) -> None:
+        """Ask the server to stop; safe from any thread."""
+        self._stopping.set()
+
+    def serve(self) -> None:
+        """Serve until asked to stop, then drain and close. Returns when fully closed."""
+        while not self._stopping.is_set():
+            wasyncore.loop(timeout=_POLL_S, use_poll=True, map=self._map, count=1)
+        self._drain(time.monotonic() + self.settings.shutdown_timeout)
+
+    def _drain(self, deadline: float) -> None:
+        # Stop accepting: close the listening socket, keep the trigger and the channels.
+        wasyncore.dispatcher.close(self._server)
+        while time.monotonic() < deadline:
+            busy = False
+            for channel in list(self._map.values()):
+                if not isinstance(channel, HTTPChannel):
+                    continue
+                if channel.requests or channel.total_outbufs_len:
+                    busy = True
+                else:
+                    channel.will_close = True  # idle keep-alive connection: close it
+            if not busy:
+                break
+            wasyncore.loop(timeout=0.01, use_poll=True, map=self._map, count=1)
+        else:
+            log.warning("shutdown grace period over with requests still in flight")
+        # Let the closes we asked for happen, then stop the worker threads.
+        wasyncore.loop(timeout=0.01, use_poll=True, map=self._map, count=2)
+        self._server.task_dispatcher.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+        self._server.trigger.close()
+        wasyncore.close_all(self._map)

@@ -1,0 +1,142 @@
+"""The one table of settings.
+
+Every setting is a field of :class:`Settings`; its metadata holds the help text and the
+bounds. From that one table come the ``--flag`` of the command line, the ``TICKETBOOTH_*``
+environment variable and the README's table, so they cannot drift apart.
+
+Precedence: command line, then environment, then the default. Nothing is read at import
+time: :func:`load` is called once, at start-up, by the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "add_arguments", "describe", "load"]
+
+ENV_PREFIX = "TICKETBOOTH_"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message is one line for the user."""
+
+
+def _setting(default: Any, help: str, *, minimum: float | None = None,
+             maximum: float | None = None, secret: bool = False) -> Any:
+    return field(default=default, metadata={
+        "help": help, "minimum": minimum, "maximum": maximum, "secret": secret,
+    })
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "Interface to listen on (0.0.0.0 for every interface).")
+    port: int = _setting(8000, "TCP port to listen on; 0 picks a free port.",
+                         minimum=0, maximum=65535)
+    threads: int = _setting(8, "Worker threads in waitress's pool.", minimum=1, maximum=1024)
+    tickets: int = _setting(100, "Stock of tickets (serials 1..N) when a store is created.",
+                            minimum=0, maximum=10**12)
+    max_per_request: int = _setting(10, "Most tickets one POST /buy may buy.",
+                                    minimum=1, maximum=10_000)
+    max_body_bytes: int = _setting(1024, "Largest request body accepted, in bytes (else 413).",
+                                   minimum=16, maximum=10 * 1024 * 1024)
+    store: str = _setting("memory", "Where tickets live: memory, sqlite:///PATH, "
+                          "or the lesson's broken demo store unsafe-memory.")
+    allow_unsafe: bool = _setting(False, "Permit --store unsafe-memory, which oversells "
+                                  "on purpose to show why the lock matters.")
+    chore_ms: float = _setting(0.0, "A simulated slow chore per sale, in milliseconds, done "
+                               "while the sale holds the inventory's lock (the lesson's "
+                               "chore; 0 for none).", minimum=0, maximum=10_000)
+    idempotency_ttl: float = _setting(86400.0, "Seconds an Idempotency-Key and its answer "
+                                      "are kept before they are forgotten.",
+                                      minimum=1, maximum=10 * 365 * 86400)
+    shutdown_timeout: float = _setting(10.0, "Seconds to let in-flight requests finish after "
+                                       "SIGTERM or SIGINT before closing.",
+                                       minimum=0, maximum=3600)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _fields() -> Iterator[dataclasses.Field[Any]]:
+    return iter(dataclasses.fields(Settings))
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _convert(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
+    kind = _KINDS[str(f.type)]
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise SettingsError(f"{source}: expected true or false, got {raw!r}")
+    if kind is str:
+        value = str(raw).strip()
+        if not value:
+            raise SettingsError(f"{source}: must not be empty")
+        return value
+    try:
+        value = kind(str(raw).strip())
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise SettingsError(f"{source}: expected {noun}, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SettingsError(f"{source}: expected a finite number, got {raw!r}")
+    low, high = f.metadata["minimum"], f.metadata["maximum"]
+    if low is not None and value < low:
+        raise SettingsError(f"{source}: must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise SettingsError(f"{source}: must be at most {high}, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per setting; absent flags stay ``None`` so the environment shows."""
+    for f in _fields():
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]"
+        if f.type == "bool":
+            parser.add_argument(flag_name(f.name), dest=f.name, action="store_const",
+                                const=True, default=None, help=help_text)
+        else:
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None,
+                                metavar=f.name.upper(), help=help_text)
+
+
+def load(args: argparse.Namespace | Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Build the settings from parsed flags and an environment mapping."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    values: dict[str, Any] = {}
+    for f in _fields():
+        flag_value = given.get(f.name)
+        if flag_value is not None:
+            values[f.name] = _convert(f, flag_value, flag_name(f.name))
+        elif env_name(f.name) in environ:
+            values[f.name] = _convert(f, environ[env_name(f.name)], env_name(f.name))
+    return Settings(**values)
+
+
+def describe() -> Sequence[tuple[str, str, str, str]]:
+    """(flag, environment variable, default, help) per setting, for docs and tests."""
+    return [(flag_name(f.name), env_name(f.name), repr(f.default), f.metadata["help"])
+            for f in _fields()]

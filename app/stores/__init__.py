@@ -1,0 +1,34 @@
+"""Store backends, chosen from the ``--store`` URL in one place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from app.inventory import Store
+from app.settings import Settings
+
+__all__ = ["StoreSetupError", "open_store"]
+
+
+class StoreSetupError(RuntimeError):
+    """The store cannot be opened as configured; the message is one line for the user."""
+
+
+def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) -> Store:
+    """Open the store that ``settings.store`` names. ``clock`` dates sales and keys."""
+    url = settings.store
+    chore_s = settings.chore_ms / 1000.0
+    ttl = settings.idempotency_ttl
+    if url == "memory":
+        from app.stores.memory import MemoryStore
+
+        return MemoryStore(settings.tickets, chore_s=chore_s, key_ttl=ttl, clock=clock)
+    if url == "unsafe-memory":
+        if not settings.allow_unsafe:
+            raise StoreSetupError("--store unsafe-memory oversells on purpose; "
+                                  "add --allow-unsafe to run it anyway")
+        from app.stores.unsafe import UnsafeMemoryStore
+
+        return UnsafeMemoryStore(settings.tickets, chore_s=chore_s, key_ttl=ttl, clock=clock)
+    raise StoreSetupError(f"unknown store {url!r}: use memory or unsafe-memory")

@@ -1,0 +1,119 @@
+"""Fixtures: a store of every kind, and a real waitress server on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from app.api import create_app
+from app.inventory import Store
+from app.server import Server
+from app.settings import Settings
+from app.stores import open_store
+
+# Every backend the shared store suite runs against.
+STORE_KINDS = ["memory"]
+
+
+class FakeClock:
+    """A clock the test moves by hand, for idempotency-key expiry."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def store_url(kind: str, tmp_path: Path) -> str:
+    if kind == "memory":
+        return "memory"
+    raise ValueError(kind)
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Stores:
+    """Opens stores of one kind; everything opened is closed at teardown."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.url = store_url(kind, tmp_path)
+        self.opened: list[Store] = []
+
+    def settings(self, tickets: int = 100, **overrides: Any) -> Settings:
+        return Settings(**{"store": self.url, "tickets": tickets, **overrides})
+
+    def open(self, settings: Settings, clock: Callable[[], float] | None = None) -> Store:
+        store = open_store(settings, clock=clock) if clock else open_store(settings)
+        self.opened.append(store)
+        return store
+
+    def __call__(self, tickets: int = 100, clock: Callable[[], float] | None = None,
+                 **overrides: Any) -> Store:
+        return self.open(self.settings(tickets, **overrides), clock)
+
+    def close_all(self) -> None:
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture
+def make_store(store_kind: str, tmp_path: Path) -> Iterator[Stores]:
+    """``make_store(tickets, clock=None, **settings)`` opens a store of each kind in turn."""
+    stores = Stores(store_kind, tmp_path)
+    yield stores
+    stores.close_all()
+
+
+def wait_until_healthy(url: str, timeout: float = 10.0) -> None:
+    """Poll /healthz until it answers 200 (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become healthy in {timeout} s")
+        time.sleep(0.02)
+
+
+@contextmanager
+def serving(settings: Settings, store: Store) -> Iterator[str]:
+    """Run a real waitress server in a thread on a free loopback port; yield its URL."""
+    server = Server(settings.replace(host="127.0.0.1", port=0), create_app(settings, store))
+    thread = threading.Thread(target=server.serve, name="waitress", daemon=True)
+    thread.start()
+    try:
+        wait_until_healthy(server.url)
+        yield server.url
+    finally:
+        server.stop()
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "server did not stop"
+
+
+@pytest.fixture
+def live_server(make_store: Stores) -> Callable[..., Any]:
+    """``live_server(tickets=..., **settings)`` is a context manager yielding a base URL."""
+
+    def start(tickets: int = 100, **overrides: Any) -> Any:
+        settings = make_store.settings(tickets, **overrides)
+        return serving(settings, make_store.open(settings))
+
+    return start
