@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Extra flags for `make run`, e.g. make run ARGS="--tickets 1000"
 ARGS ?=
 
-.PHONY: run test lint typecheck clean
+.PHONY: run test lint typecheck clean container-deps container-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,17 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not container"
+	$(MAKE) container-test
+
+# The image, built and run for real with podman (tests/container). Needs root: podman and
+# friends come from Debian's packages when missing; podman's config, storage and the locally
+# made base image live in .cache/container/.
+container-deps:
+	$(PYTHON) tests/container/podman_engine.py install
+
+container-test: $(VENV)/.installed-test container-deps
+	$(BIN)/python -m pytest -m container tests/container
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

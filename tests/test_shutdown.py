@@ -52,9 +52,10 @@ class Server:
         return code
 
 
-def _drain(stream: Iterator[str], lines: queue.Queue[str]) -> None:
+def _drain(stream: Iterator[str], lines: queue.Queue[str | None]) -> None:
     for line in stream:
         lines.put(line)
+    lines.put(None)  # end of output: the process is gone
 
 
 def start_server(db: Path, log: Path) -> Server:
@@ -74,7 +75,7 @@ def start_server(db: Path, log: Path) -> Server:
         stderr=log_file,
         text=True,
     )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
+    lines: queue.Queue[str | None] = queue.Queue()
     assert proc.stdout is not None
     reader = threading.Thread(target=_drain, args=(proc.stdout, lines), daemon=True)
     reader.start()
@@ -85,11 +86,13 @@ def start_server(db: Path, log: Path) -> Server:
             line = lines.get(timeout=max(0.0, deadline - time.perf_counter()))
         except queue.Empty:
             break
+        if line is None:
+            break
         if line.startswith("ticketbooth listening on "):
             server.url = line.split(" on ", 1)[1].strip()
             return server
-    server.close()
-    pytest.fail(f"server did not say it was listening within 20 s:\n{log.read_text()}")
+    code = server.close()
+    pytest.fail(f"server did not say it was listening (exit {code}):\n{log.read_text()}")
 
 
 @dataclass
