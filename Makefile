@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Extra flags for `make run`, e.g. make run ARGS="--tickets 1000"
 ARGS ?=
+# `make run` keeps its tickets in a durable SQLite file under ./data/ (a flag in ARGS wins).
+export TICKETBOOTH_STORE ?= sqlite:///data/tickets.db
 
 .PHONY: run test lint typecheck clean container-deps container-test
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +22,7 @@ from app.settings import Settings
 from app.stores import open_store
 
 # Every backend the shared store suite runs against.
-STORE_KINDS = ["memory"]
+STORE_KINDS = ["memory", "sqlite"]
 
 
 class FakeClock:
@@ -38,6 +41,8 @@ class FakeClock:
 def store_url(kind: str, tmp_path: Path) -> str:
     if kind == "memory":
         return "memory"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'tickets.db'}"
     raise ValueError(kind)
 
 
@@ -117,3 +122,26 @@ def live_server(make_store: Stores) -> Callable[..., Any]:
         return serving(settings, make_store.open(settings))
 
     return start
+
+
+@contextmanager
+def server_process(*argv: str, env: dict[str, str] | None = None
+                   ) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``python -m app serve --port 0 ARGV`` as a subprocess; yields it and its URL.
+
+    The URL comes from the one line the server prints once it listens. The process is
+    killed at exit if the test has not stopped it.
+    """
+    process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", "0", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("ticketbooth listening on http://127.0.0.1:"), (
+            line + process.communicate(timeout=10)[1])
+        yield process, line.split()[-1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)

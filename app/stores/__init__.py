@@ -31,4 +31,10 @@ def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         from app.stores.unsafe import UnsafeMemoryStore
 
         return UnsafeMemoryStore(settings.tickets, chore_s=chore_s, key_ttl=ttl, clock=clock)
-    raise StoreSetupError(f"unknown store {url!r}: use memory or unsafe-memory")
+    if url.startswith("sqlite:"):
+        from app.stores.sqlite import SqliteStore, path_from_url
+
+        return SqliteStore(path_from_url(url), settings.tickets, chore_s=chore_s, key_ttl=ttl,
+                           clock=clock)
+    raise StoreSetupError(f"unknown store {url!r}: use memory, sqlite:///PATH "
+                          "or unsafe-memory")
