@@ -3,8 +3,8 @@
 A real server subprocess on a SQLite file; client threads buy over HTTP; SIGTERM arrives while
 they do. The process must exit 0 within 5 s, and after a restart on the same file every
 acknowledged sale must be there: each acknowledged serial answers 200 at /tickets/<serial>, no
-serial was handed out twice, and sold + remaining == total. Tickets sold without an answer can
-only come from requests that got no answer at all.
+serial was handed out twice, sold + remaining == total, and nothing was sold without an answer:
+the requests in flight at the signal were finished and answered, not dropped.
 """
 
 from __future__ import annotations
@@ -185,10 +185,12 @@ def test_sigterm_under_load_exits_0_and_keeps_every_acknowledged_sale(tmp_path: 
             assert state["total"] == TOTAL
             assert state["sold"] + state["remaining"] == TOTAL, state
             assert state["sold"] >= len(acked), f"acknowledged sales lost: {state}, {len(acked)}"
-            unanswered = state["sold"] - len(acked)
-            assert unanswered <= no_answer * MAX_QUANTITY, (
-                f"{unanswered} tickets sold without an answer, but only {no_answer} requests "
-                "went unanswered"
+            # A graceful stop answers every request it took in, so nothing is sold unanswered;
+            # the requests that went unanswered were never taken in (refused or closed unread).
+            # (An abrupt stop that drops in-flight responses fails here, not above.)
+            assert state["sold"] == len(acked), (
+                f"{state['sold'] - len(acked)} tickets sold without an answer "
+                f"({no_answer} requests unanswered): in-flight requests were dropped"
             )
             missing = [
                 serial
