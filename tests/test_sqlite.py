@@ -116,3 +116,17 @@ def test_database_error_is_503_and_nothing_is_acknowledged(tmp_path: Path) -> No
         recovered = requests.post(f"{url}/buy", timeout=5)
         assert recovered.json() == {"tickets": [{"serial": 2}], "remaining": 8}
         stop(process)
+
+
+def test_second_process_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'tickets.db'}"
+    with server_process("--store", store) as (process, url):
+        second = start_cli("--store", store)
+        assert second.returncode == 2
+        assert "in use by another ticketbooth process" in second.stderr
+        assert requests.post(f"{url}/buy", timeout=5).status_code == 200
+        stop(process)
+    # Once the owner has stopped, the file is free again.
+    with server_process("--store", store) as (process, url):
+        assert requests.get(f"{url}/remaining", timeout=5).json()["sold"] == 1
+        stop(process)
