@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
+from importlib import resources
 from typing import Any
 
 from flask import Flask, Response, request
@@ -85,7 +86,8 @@ def _sale_response(sale: Sale) -> Response:
 
 def create_app(settings: Settings, store: Store) -> Flask:
     """Build the WSGI app around an open store. Nothing global: tests build their own."""
-    app = Flask("ticketbooth")
+    app = Flask(__name__, static_folder=None)
+    status_page = resources.files("app").joinpath("static/status.html").read_bytes()
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     booth = Booth(store, settings.max_per_request)
     app.extensions["ticketbooth.booth"] = booth
@@ -109,6 +111,10 @@ def create_app(settings: Settings, store: Store) -> Flask:
         if sold_at is None:
             raise NotFound(f"ticket {serial} is not sold")
         return json_response({"serial": serial, "sold_at": rfc3339(sold_at)})
+
+    @app.get("/")
+    def index() -> Response:
+        return Response(status_page, content_type="text/html; charset=utf-8")
 
     @app.get("/healthz")
     def healthz() -> Response:
