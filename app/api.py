@@ -6,18 +6,20 @@ import json
 import re
 from datetime import datetime
 from importlib import resources
-from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import NotFound, UnsupportedMediaType
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import NotFound
 
+from app.admin import register_admin
 from app.errors import BadRequest, json_response, register_error_handlers
+from app.inputs import integer_from_json, integer_from_query, json_object
 from app.inventory import Booth, Sale, Store
 from app.settings import Settings
+from app.telemetry import Telemetry, TelemetryMiddleware
 
-__all__ = ["create_app", "rfc3339"]
+__all__ = ["create_app", "describe_openapi", "rfc3339"]
 
-_INTEGER = re.compile(r"-?[0-9]{1,30}")
 _KEY_CHARS = re.compile(r"[\x20-\x7e]{1,255}")
 _BODY_FIELDS = frozenset({"quantity"})
 
@@ -26,45 +28,19 @@ def rfc3339(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _quantity_from_json(value: Any) -> int:
-    # bool is an int in Python, but true is not a quantity.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest("invalid_quantity",
-                         f"quantity must be an integer, got {json.dumps(value)}")
-    return value
-
-
-def _quantity_from_query(text: str) -> int:
-    if not _INTEGER.fullmatch(text):
-        raise BadRequest("invalid_quantity", f"quantity must be an integer, got {text!r}")
-    return int(text)
-
-
 def _requested_quantity() -> int:
     """The quantity from the JSON body or the query string; 1 when neither gives one."""
     queried = request.args.getlist("quantity")
     if len(queried) > 1:
         raise BadRequest("invalid_quantity", "give quantity once")
-    body = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
-    if body.strip():
-        if request.mimetype != "application/json":
-            raise UnsupportedMediaType("the request body must be application/json")
-        try:
-            document = json.loads(body)
-        except ValueError:
-            raise BadRequest("invalid_json", "the request body is not valid JSON") from None
-        if not isinstance(document, dict):
-            raise BadRequest("invalid_body", "the request body must be a JSON object")
-        unknown = document.keys() - _BODY_FIELDS
-        if unknown:
-            raise BadRequest("invalid_body", f"unknown field(s): {', '.join(sorted(unknown))}")
-        if "quantity" in document:
-            if queried:
-                raise BadRequest("invalid_quantity",
-                                 "give quantity in the query or in the body, not both")
-            return _quantity_from_json(document["quantity"])
+    document = json_object(_BODY_FIELDS)
+    if "quantity" in document:
+        if queried:
+            raise BadRequest("invalid_quantity",
+                             "give quantity in the query or in the body, not both")
+        return integer_from_json("quantity", document["quantity"], "invalid_quantity")
     if queried:
-        return _quantity_from_query(queried[0])
+        return integer_from_query("quantity", queried[0], "invalid_quantity")
     return 1
 
 
@@ -84,10 +60,25 @@ def _sale_response(sale: Sale) -> Response:
     return json_response(body, headers={"Idempotent-Replayed": "true"} if sale.replayed else None)
 
 
+def describe_openapi(openapi: str, settings: Settings) -> bytes:
+    """The packaged OpenAPI description, with this server's quantity cap filled in."""
+    document = json.loads(openapi)
+    buy = document["paths"]["/buy"]["post"]
+    for schema in (buy["parameters"][0]["schema"],
+                   document["components"]["schemas"]["BuyRequest"]["properties"]["quantity"]):
+        schema["maximum"] = settings.max_per_request
+    return json.dumps(document).encode()
+
+
 def create_app(settings: Settings, store: Store) -> Flask:
     """Build the WSGI app around an open store. Nothing global: tests build their own."""
     app = Flask(__name__, static_folder=None)
-    status_page = resources.files("app").joinpath("static/status.html").read_bytes()
+    package = resources.files("app")
+    status_page = package.joinpath("static/status.html").read_bytes()
+    openapi = describe_openapi(package.joinpath("openapi.json").read_text(), settings)
+    telemetry = Telemetry(store, settings.access_log)
+    app.extensions["ticketbooth.telemetry"] = telemetry
+    app.wsgi_app = TelemetryMiddleware(app.wsgi_app, telemetry)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     booth = Booth(store, settings.max_per_request)
     app.extensions["ticketbooth.booth"] = booth
@@ -97,7 +88,10 @@ def create_app(settings: Settings, store: Store) -> Flask:
     def buy() -> Response:
         key = _idempotency_key()
         quantity = _requested_quantity()
-        return _sale_response(booth.buy(quantity, key))
+        sale = booth.buy(quantity, key)
+        if not sale.replayed:
+            telemetry.sold(len(sale.serials))
+        return _sale_response(sale)
 
     @app.get("/remaining")
     def remaining() -> Response:
@@ -115,6 +109,16 @@ def create_app(settings: Settings, store: Store) -> Flask:
     @app.get("/")
     def index() -> Response:
         return Response(status_page, content_type="text/html; charset=utf-8")
+
+    @app.get("/openapi.json")
+    def openapi_description() -> Response:
+        return Response(openapi, content_type="application/json")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(telemetry.registry), content_type=CONTENT_TYPE_LATEST)
+
+    register_admin(app, settings.admin_token, store, telemetry)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -53,10 +53,24 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    access = logging.StreamHandler(sys.stderr)  # access lines are printed as they are
+    access.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    access_log = logging.getLogger("ticketbooth.access")
+    access_log.handlers[:] = [access]
+    access_log.propagate = False
+    # waitress warns on every queued request under load; that is normal here, not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
 def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a bad setting)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging("info")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -64,6 +78,7 @@ def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = N
             parser.print_help(sys.stderr)
             return 2
         settings = settings_module.load(args, os.environ if environ is None else environ)
+        _configure_logging(settings.log_level)
         return _serve(settings)
     except (SettingsError, StoreSetupError) as error:
         print(f"ticketbooth: error: {error}", file=sys.stderr)

@@ -43,6 +43,10 @@ class Server:
             port=settings.port,
             threads=settings.threads,
             ident="ticketbooth",
+            connection_limit=settings.connection_limit,
+            channel_timeout=settings.channel_timeout,
+            # How often idle connections are looked for: often enough to honour the timeout.
+            cleanup_interval=max(1, min(30, settings.channel_timeout // 2)),
             # Our app enforces the body limit itself and answers 413 in JSON; waitress's
             # own limit only guards against bodies far past it.
             max_request_body_size=max(settings.max_body_bytes * 4, 1 << 20),

@@ -29,13 +29,15 @@ class SettingsError(ValueError):
 
 
 def _setting(default: Any, help: str, *, minimum: float | None = None,
-             maximum: float | None = None, secret: bool = False) -> Any:
+             maximum: float | None = None, choices: tuple[str, ...] = (),
+             secret: bool = False) -> Any:
     return field(default=default, metadata={
-        "help": help, "minimum": minimum, "maximum": maximum, "secret": secret,
+        "help": help, "minimum": minimum, "maximum": maximum, "choices": choices,
+        "secret": secret,
     })
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
     host: str = _setting("127.0.0.1", "Interface to listen on (0.0.0.0 for every interface).")
     port: int = _setting(8000, "TCP port to listen on; 0 picks a free port.",
@@ -60,6 +62,25 @@ class Settings:
     shutdown_timeout: float = _setting(10.0, "Seconds to let in-flight requests finish after "
                                        "SIGTERM or SIGINT before closing.",
                                        minimum=0, maximum=3600)
+    connection_limit: int = _setting(1000, "Most open client connections; past it waitress "
+                                     "stops accepting until some close.",
+                                     minimum=1, maximum=100_000)
+    channel_timeout: int = _setting(30, "Seconds an idle connection is kept open before it is "
+                                    "closed.", minimum=1, maximum=86400)
+    admin_token: str = _setting("", "Bearer token for /admin/*; empty means the admin "
+                                "endpoints do not exist. Prefer the environment variable: "
+                                "a flag shows in the process list.", secret=True)
+    access_log: str = _setting("plain", "One line per request on stderr: plain, json, or off.",
+                               choices=("plain", "json", "off"))
+    log_level: str = _setting("info", "Least severe log level shown: debug, info, warning, "
+                              "error.", choices=("debug", "info", "warning", "error"))
+
+    def __repr__(self) -> str:  # never show a secret in a log or a traceback
+        shown = []
+        for f in _fields():
+            value = getattr(self, f.name)
+            shown.append(f"{f.name}={'***' if f.metadata['secret'] and value else repr(value)}")
+        return f"Settings({', '.join(shown)})"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -93,9 +114,12 @@ def _convert(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
         raise SettingsError(f"{source}: expected true or false, got {raw!r}")
     if kind is str:
         value = str(raw).strip()
-        if not value:
+        choices = f.metadata["choices"]
+        if choices and value.lower() not in choices:
+            raise SettingsError(f"{source}: expected one of {', '.join(choices)}, got {raw!r}")
+        if not value and not f.metadata["secret"]:
             raise SettingsError(f"{source}: must not be empty")
-        return value
+        return value.lower() if choices else value
     try:
         value = kind(str(raw).strip())
     except ValueError:
@@ -114,7 +138,8 @@ def _convert(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per setting; absent flags stay ``None`` so the environment shows."""
     for f in _fields():
-        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]"
+        default = "unset" if f.metadata["secret"] else repr(f.default)
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {default}]"
         if f.type == "bool":
             parser.add_argument(flag_name(f.name), dest=f.name, action="store_const",
                                 const=True, default=None, help=help_text)
@@ -138,5 +163,6 @@ def load(args: argparse.Namespace | Mapping[str, Any], environ: Mapping[str, str
 
 def describe() -> Sequence[tuple[str, str, str, str]]:
     """(flag, environment variable, default, help) per setting, for docs and tests."""
-    return [(flag_name(f.name), env_name(f.name), repr(f.default), f.metadata["help"])
+    return [(flag_name(f.name), env_name(f.name),
+             "(unset)" if f.metadata["secret"] else repr(f.default), f.metadata["help"])
             for f in _fields()]

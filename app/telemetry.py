@@ -1,0 +1,175 @@
+"""What an operator sees: Prometheus metrics and one access log line per request.
+
+Both come from one WSGI middleware around the Flask app, which times each request once.
+Each app has its own metrics registry, so several apps (tests, say) never share counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from app.inventory import Store
+
+__all__ = ["SalesRate", "Telemetry", "TelemetryMiddleware", "endpoint_of"]
+
+access_log = logging.getLogger("ticketbooth.access")
+
+# Known paths -> the endpoint label; anything else is "other" (keeps label values bounded).
+_ENDPOINTS = {path: path for path in (
+    "/", "/buy", "/remaining", "/healthz", "/metrics", "/openapi.json", "/admin/restock",
+    "/admin/stats")}
+_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                     2.5, 5.0, 10.0)
+
+
+def endpoint_of(path: str) -> str:
+    endpoint = _ENDPOINTS.get(path)
+    if endpoint is not None:
+        return endpoint
+    if path.startswith("/tickets/"):
+        return "/tickets/{serial}"
+    return "other"
+
+
+class SalesRate:
+    """Tickets sold per second over the last minute, in one-second buckets."""
+
+    WINDOW = 60
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seconds = [0] * self.WINDOW  # which second each bucket holds
+        self._tickets = [0] * self.WINDOW
+
+    def add(self, tickets: int) -> None:
+        second = int(self._clock())
+        index = second % self.WINDOW
+        with self._lock:
+            if self._seconds[index] != second:
+                self._seconds[index], self._tickets[index] = second, 0
+            self._tickets[index] += tickets
+
+    def last_minute(self) -> int:
+        now = int(self._clock())
+        with self._lock:
+            return sum(tickets for second, tickets in zip(self._seconds, self._tickets,
+                                                         strict=True)
+                       if now - self.WINDOW < second <= now)
+
+
+class _StockCollector(Collector):
+    """Stock gauges read from the store when scraped."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self._store.counts()
+        yield GaugeMetricFamily("ticketbooth_tickets_remaining", "Tickets left to sell.",
+                                value=counts.remaining)
+        yield GaugeMetricFamily("ticketbooth_tickets_stock", "Tickets in stock, sold or not.",
+                                value=counts.total)
+
+
+class Telemetry:
+    def __init__(self, store: Store, access_format: str = "plain",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.access_format = access_format
+        self.started_at = clock()
+        self.sales_rate = SalesRate(clock)
+        self.registry = CollectorRegistry()
+        self.tickets_sold = Counter("ticketbooth_tickets_sold",
+                                    "Tickets sold by this instance.", registry=self.registry)
+        self.replays = Counter("ticketbooth_idempotent_replays",
+                               "Answers replayed for a repeated Idempotency-Key.",
+                               registry=self.registry)
+        self.store_errors = Counter("ticketbooth_store_errors",
+                                    "Requests that failed because the store could not serve.",
+                                    registry=self.registry)
+        self.requests = Counter("ticketbooth_http_requests", "HTTP requests answered.",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.duration = Histogram("ticketbooth_http_request_duration_seconds",
+                                  "Time to answer an HTTP request.", ["endpoint"],
+                                  buckets=_DURATION_BUCKETS, registry=self.registry)
+        self.registry.register(_StockCollector(store))
+        # Label lookups are slow next to the rest of a request: keep the children.
+        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+
+    def total(self, sample: str) -> int:
+        """A counter's current value, e.g. ``ticketbooth_tickets_sold_total``."""
+        return int(self.registry.get_sample_value(sample) or 0)
+
+    def sold(self, tickets: int) -> None:
+        self.tickets_sold.inc(tickets)
+        self.sales_rate.add(tickets)
+
+    def observe(self, method: str, path: str, query: str, status: str, seconds: float,
+                replayed: bool, remote: str) -> None:
+        endpoint = endpoint_of(path)
+        code = status[:3]
+        key = (endpoint, method, code)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children.setdefault(key, self.requests.labels(*key))
+        child.inc()
+        duration = self._duration_children.get(endpoint)
+        if duration is None:
+            duration = self._duration_children.setdefault(endpoint,
+                                                          self.duration.labels(endpoint))
+        duration.observe(seconds)
+        if replayed:
+            self.replays.inc()
+        if code == "503":
+            self.store_errors.inc()
+        if self.access_format != "off" and access_log.isEnabledFor(logging.INFO):
+            self._log(method, f"{path}?{query}" if query else path, code, seconds, replayed,
+                      remote)
+
+    def _log(self, method: str, path: str, code: str, seconds: float, replayed: bool,
+             remote: str) -> None:
+        if self.access_format == "json":
+            line = json.dumps({"remote": remote, "method": method, "path": path,
+                               "status": int(code), "duration_ms": round(seconds * 1000, 3),
+                               "replayed": replayed}, separators=(",", ":"))
+        else:
+            line = (f'{remote} "{method} {path}" {code} {seconds * 1000:.2f}ms'
+                    f"{' replayed' if replayed else ''}")
+        access_log.info(line)
+
+
+class TelemetryMiddleware:
+    """Times every request and hands it to :class:`Telemetry`."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    def __call__(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = time.perf_counter()
+        answer: list[Any] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            answer.append(status)
+            answer.append(headers)
+            return start_response(status, headers, *exc_info)
+
+        body = self.app(environ, capture)  # Flask has called start_response by now
+        status, headers = answer[-2], answer[-1]
+        replayed = any(name == "Idempotent-Replayed" for name, _ in headers)
+        self.telemetry.observe(environ.get("REQUEST_METHOD", "?"), environ.get("PATH_INFO", ""),
+                               environ.get("QUERY_STRING", ""), status,
+                               time.perf_counter() - started, replayed,
+                               environ.get("REMOTE_ADDR", "-"))
+        return body

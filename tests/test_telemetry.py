@@ -1,0 +1,141 @@
+"""Metrics, the access log, and connection limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.telemetry import SalesRate
+from tests.conftest import FakeClock, server_process
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    answer = requests.get(f"{url}/metrics", timeout=5)
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples}
+
+
+def test_metrics_count_sales_requests_and_replays(live_server: Callable[..., Any]) -> None:
+    with live_server(tickets=10) as url:
+        requests.post(f"{url}/buy", json={"quantity": 3}, timeout=5)
+        requests.post(f"{url}/buy?quantity=2", headers={"Idempotency-Key": "k"}, timeout=5)
+        requests.post(f"{url}/buy?quantity=2", headers={"Idempotency-Key": "k"}, timeout=5)
+        requests.post(f"{url}/buy", json={"quantity": 9}, timeout=5)  # 409
+        requests.get(f"{url}/tickets/1", timeout=5)
+        requests.get(f"{url}/nowhere/at/all", timeout=5)
+        metrics = scrape(url)
+
+    def requests_of(endpoint: str, status: str, method: str = "POST") -> float:
+        key = (("endpoint", endpoint), ("method", method), ("status", status))
+        return metrics.get(("ticketbooth_http_requests_total", key), 0)
+
+    assert metrics[("ticketbooth_tickets_sold_total", ())] == 5
+    assert metrics[("ticketbooth_tickets_remaining", ())] == 5
+    assert metrics[("ticketbooth_tickets_stock", ())] == 10
+    assert metrics[("ticketbooth_idempotent_replays_total", ())] == 1
+    assert metrics[("ticketbooth_store_errors_total", ())] == 0
+    assert requests_of("/buy", "200") == 3
+    assert requests_of("/buy", "409") == 1
+    assert requests_of("/tickets/{serial}", "200", "GET") == 1
+    assert requests_of("other", "404", "GET") == 1
+    count = metrics[("ticketbooth_http_request_duration_seconds_count",
+                     (("endpoint", "/buy"),))]
+    assert count == 4
+
+
+def test_metrics_are_exact_under_many_threads(live_server: Callable[..., Any]) -> None:
+    clients, each = 16, 25
+    with live_server(tickets=10_000, threads=8) as url:
+
+        def client() -> None:
+            with requests.Session() as session:
+                for _ in range(each):
+                    assert session.post(f"{url}/buy", timeout=30).status_code == 200
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        metrics = scrape(url)
+    assert metrics[("ticketbooth_tickets_sold_total", ())] == clients * each
+    key = (("endpoint", "/buy"), ("method", "POST"), ("status", "200"))
+    assert metrics[("ticketbooth_http_requests_total", key)] == clients * each
+
+
+def test_sales_rate_covers_the_last_minute_only() -> None:
+    clock = FakeClock()
+    rate = SalesRate(clock)
+    rate.add(3)
+    clock.advance(30)
+    rate.add(2)
+    assert rate.last_minute() == 5
+    clock.advance(31)
+    assert rate.last_minute() == 2
+    clock.advance(60)
+    assert rate.last_minute() == 0
+
+
+@pytest.mark.parametrize("form", ["plain", "json", "off"])
+def test_access_log_has_one_line_per_request(form: str) -> None:
+    with server_process("--access-log", form) as (process, url):
+        requests.post(f"{url}/buy?quantity=2", headers={"Idempotency-Key": "a"}, timeout=5)
+        requests.post(f"{url}/buy?quantity=2", headers={"Idempotency-Key": "a"}, timeout=5)
+        requests.get(f"{url}/nowhere", timeout=5)
+        process.terminate()
+        _, stderr = process.communicate(timeout=10)
+    lines = [line for line in stderr.splitlines() if "/buy" in line or "/nowhere" in line]
+    if form == "off":
+        assert lines == []
+        return
+    assert len(lines) == 3, stderr
+    if form == "json":
+        records = [json.loads(line) for line in lines]
+        assert [(r["method"], r["path"], r["status"], r["replayed"]) for r in records] == [
+            ("POST", "/buy?quantity=2", 200, False), ("POST", "/buy?quantity=2", 200, True),
+            ("GET", "/nowhere", 404, False)]
+        assert all(r["duration_ms"] >= 0 and r["remote"] == "127.0.0.1" for r in records)
+    else:
+        assert '"POST /buy?quantity=2" 200' in lines[0] and "replayed" not in lines[0]
+        assert lines[1].endswith(" replayed")
+        assert '"GET /nowhere" 404' in lines[2] and lines[2].endswith("ms")
+
+
+def test_log_level_warning_hides_info() -> None:
+    with server_process("--log-level", "warning") as (process, url):
+        requests.get(f"{url}/healthz", timeout=5)
+        process.terminate()
+        _, stderr = process.communicate(timeout=10)
+    assert "/healthz" not in stderr and "stopped" not in stderr
+
+
+def idle_connections(url: str, count: int, stack: ExitStack) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    for _ in range(count):
+        stack.enter_context(socket.create_connection((host, int(port)), timeout=5))
+
+
+def test_buy_answers_with_many_idle_connections_open(live_server: Callable[..., Any]) -> None:
+    with live_server(tickets=5) as url, ExitStack() as stack:
+        idle_connections(url, 300, stack)
+        assert requests.post(f"{url}/buy", timeout=10).status_code == 200
+
+
+def test_idle_connections_past_the_limit_are_reclaimed(live_server: Callable[..., Any]
+                                                       ) -> None:
+    with live_server(tickets=5, connection_limit=20, channel_timeout=1) as url, \
+            ExitStack() as stack:
+        idle_connections(url, 40, stack)
+        # Past the limit, new connections wait until idle ones time out and are closed.
+        assert requests.post(f"{url}/buy", timeout=15).status_code == 200
