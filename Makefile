@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # Extra flags for `make run`, e.g. make run ARGS="--tickets 1000"
 ARGS ?=
 
-.PHONY: run test lint typecheck clean
+# The tests start a throwaway PostgreSQL server from Debian's server binaries.
+PG_INITDB_GLOB ?= /usr/lib/postgresql/*/bin/initdb
+
+.PHONY: run test lint typecheck clean postgres-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,16 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/ticketbooth serve $(ARGS)
 
-test: $(VENV)/.installed-test
+# Installs Debian's postgresql package only when no server binaries are there.
+postgres-server:
+	@if ! ls $(PG_INITDB_GLOB) >/dev/null 2>&1; then \
+		echo "PostgreSQL server binaries missing ($(PG_INITDB_GLOB)): installing Debian's postgresql"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
+	fi
+
+test: $(VENV)/.installed-test postgres-server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
