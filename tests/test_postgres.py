@@ -209,6 +209,19 @@ def test_cli_refuses_a_changed_stock_and_an_unreachable_database(
         "ticketbooth: error: cannot reach PostgreSQL at 127.0.0.1:"), unreachable.stderr
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://%zz",
+    "postgresql://postgres@[::1/db",
+    "postgresql://postgres@127.0.0.1:1/db?nosuchparam=1",
+])
+def test_a_malformed_url_stops_the_cli_with_one_line(url: str) -> None:
+    result = run_cli("serve", "--port", "0", "--store", url)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "ticketbooth: error: invalid PostgreSQL URL: "), result.stderr
+
+
 def test_three_instances_share_one_stock(postgres_server: PostgresServer,
                                          tmp_path: Path) -> None:
     """Scale-out: three processes, one database, exactly the stock sold, no serial twice.

@@ -150,7 +150,10 @@ class PostgresStore:
         self._purge_lock = threading.Lock()
         # The pool logs every checkout at INFO; keep its warnings (lost connections).
         logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
-        options = _connection_options(url)
+        try:
+            options = _connection_options(url)
+        except psycopg.ProgrammingError as error:
+            raise StoreSetupError(f"invalid PostgreSQL URL: {_one_line(error)}") from error
         self._set_up(url, tickets, options)
         self._pool: ConnectionPool[Connection[Any]] = ConnectionPool(
             url, kwargs=options, min_size=1, max_size=pool_size, open=False,
