@@ -4,11 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Extra flags for `make run`, e.g. make run ARGS="--tickets 1000"
 ARGS ?=
+# `make run` keeps its tickets in a durable SQLite file under ./data/ (a flag in ARGS wins).
+export TICKETBOOTH_STORE ?= sqlite:///data/tickets.db
 
 # The tests start a throwaway PostgreSQL server from Debian's server binaries.
 PG_INITDB_GLOB ?= /usr/lib/postgresql/*/bin/initdb
 
-.PHONY: run test lint typecheck clean postgres-server
+.PHONY: run test lint typecheck clean demo postgres-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,11 +40,16 @@ test: $(VENV)/.installed-test postgres-server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# The lesson over HTTP: the default load test against the real store (all checks pass)
+# and against the unsafe one (the checks catch it); succeeds when both go as expected.
+demo: $(VENV)/.installed-run
+	$(BIN)/python -m loadtest.demo
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
 typecheck: $(VENV)/.installed-test
-	$(BIN)/mypy app
+	$(BIN)/mypy app loadtest
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +23,7 @@ from app.stores import open_store
 from tests.pg import PostgresServer, PostgresUnavailable
 
 # Every backend the shared store suite runs against.
-STORE_KINDS = ["memory", "postgres"]
+STORE_KINDS = ["memory", "sqlite", "postgres"]
 
 
 class FakeClock:
@@ -39,6 +42,8 @@ class FakeClock:
 def store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest | None = None) -> str:
     if kind == "memory":
         return "memory"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'tickets.db'}"
     if kind == "postgres":
         # A fresh database per test in the session's server: started only when needed.
         assert request is not None, "postgres stores need the test's request"
@@ -149,3 +154,26 @@ def live_server(make_store: Stores) -> Callable[..., Any]:
         return serving(settings, make_store.open(settings))
 
     return start
+
+
+@contextmanager
+def server_process(*argv: str, env: dict[str, str] | None = None
+                   ) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``python -m app serve --port 0 ARGV`` as a subprocess; yields it and its URL.
+
+    The URL comes from the one line the server prints once it listens. The process is
+    killed at exit if the test has not stopped it.
+    """
+    process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", "0", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("ticketbooth listening on http://127.0.0.1:"), (
+            line + process.communicate(timeout=10)[1])
+        yield process, line.split()[-1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import requests
 
 from app.cli import build_parser
 from app.settings import Settings, SettingsError, describe, load
+from tests.conftest import server_process
 
 
 def settings_from(argv: list[str], environ: dict[str, str]) -> Settings:
@@ -79,21 +78,6 @@ def test_bad_start_exits_2_with_one_line(argv: list[str], env: dict[str, str]) -
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ticketbooth: error: "), result.stderr
     assert result.stdout == ""
-
-
-@contextmanager
-def server_process(*argv: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", "0", *argv],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("ticketbooth listening on http://127.0.0.1:"), line
-        yield process, line.split()[-1]
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

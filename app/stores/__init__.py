@@ -31,6 +31,11 @@ def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         from app.stores.unsafe import UnsafeMemoryStore
 
         return UnsafeMemoryStore(settings.tickets, chore_s=chore_s, key_ttl=ttl, clock=clock)
+    if url.startswith("sqlite:"):
+        from app.stores.sqlite import SqliteStore, path_from_url
+
+        return SqliteStore(path_from_url(url), settings.tickets, chore_s=chore_s, key_ttl=ttl,
+                           clock=clock)
     if url.startswith(("postgresql://", "postgres://")):
         try:
             from app.stores.postgres import PostgresStore
@@ -40,5 +45,5 @@ def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
         return PostgresStore(url, settings.tickets, pool_size=settings.pool_size,
                              chore_s=chore_s, key_ttl=ttl, clock=clock)
-    raise StoreSetupError(f"unknown store {url!r}: use memory, postgresql://USER@HOST:PORT/DB "
-                          "or unsafe-memory")
+    raise StoreSetupError(f"unknown store {url!r}: use memory, sqlite:///PATH, "
+                          "postgresql://USER@HOST:PORT/DB or unsafe-memory")

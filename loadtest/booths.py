@@ -1,0 +1,324 @@
+"""The booths: threads that buy tickets over HTTP and record what happened.
+
+Each booth owns one ``requests.Session`` (so its connection is kept alive and
+reused) and one ``BoothStats`` that only it writes.  The hot loop is lean on
+purpose: the ``POST /buy`` request is prepared once per booth and handed
+straight to the session's transport adapter, skipping the per-call work of
+``Session.request`` (merging settings, preparing, cookies, hooks, redirects);
+a 409 answer's body is read, so the connection can be reused, but not
+decoded.  Only 200 answers are decoded, for their serials.
+
+Two loops:
+
+* closed loop (default): each booth sends its next request when the previous
+  one is answered (plus ``think`` seconds);
+* open loop (``rate``): requests are due at a constant rate across all booths,
+  booth ``b`` of ``n`` taking the slots ``b, b + n, b + 2n, ...``; latency is
+  measured from a request's *intended* send time, so a stalled server cannot
+  hide its delay by holding the booths back (coordinated-omission correction).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import requests
+import urllib3.exceptions
+
+from loadtest.stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_SOLD_OUT, BoothStats
+
+__all__ = ["LoadPlan", "LoadResult", "classify_exception", "run_load"]
+
+#: In "until sold out" mode a booth gives up after this many failures in a row,
+#: so that a service that never answers sold out cannot keep it going forever.
+GIVE_UP_AFTER = 100
+
+#: How long booths may take to start before the run is abandoned, in seconds.
+_START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What to run.  ``requests`` and ``duration`` are stop conditions; with
+    neither, each booth runs until the service answers sold out."""
+
+    urls: tuple[str, ...]
+    booths: int = 10
+    quantity: int = 1
+    requests: int | None = None
+    duration: float | None = None
+    rate: float | None = None
+    think_s: float = 0.0
+    timeout: float = 10.0
+    processes: int = 1
+
+    @property
+    def until_sold_out(self) -> bool:
+        return self.requests is None and self.duration is None
+
+    @property
+    def mode(self) -> str:
+        return "open" if self.rate else "closed"
+
+
+@dataclass
+class LoadResult:
+    booths: list[BoothStats]
+    #: Seconds from the start of the run until the last booth stopped.
+    elapsed: float
+    interrupted: bool
+
+
+class _Budget:
+    """A total request count shared by the closed-loop booths."""
+
+    def __init__(self, total: int) -> None:
+        self._left = total
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._left <= 0:
+                return False
+            self._left -= 1
+            return True
+
+
+class _Control:
+    """What the booths share: the start time, the stop flag and the budget."""
+
+    def __init__(self, plan: LoadPlan, budget: int | None, origin: float | None,
+                 booths: int) -> None:
+        self.plan = plan
+        self.stop = threading.Event()
+        self.origin = 0.0
+        self.deadline: float | None = None
+        self.budget = _Budget(budget) if budget is not None and not plan.rate else None
+        self._fixed_origin = origin
+        self.barrier = threading.Barrier(booths + 1, action=self._set_origin)
+
+    def _set_origin(self) -> None:
+        fixed = self._fixed_origin
+        self.origin = fixed if fixed is not None else time.perf_counter()
+        if self.plan.duration is not None:
+            self.deadline = self.origin + self.plan.duration
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything it wraps (causes, contexts, reasons, args)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo and len(seen) < 50:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        inner = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+        todo.extend(x for x in inner if isinstance(x, BaseException))
+
+
+def classify_exception(exc: BaseException) -> tuple[str, bool]:
+    """Kind of a failed request and whether it may have reached the server.
+
+    Kinds: ``refused`` (nothing listens), ``timeout``, ``reset`` (the
+    connection broke before a whole answer came back), ``other``.  A request
+    whose connection could not even be made cannot have sold anything; one
+    that broke or timed out after it was sent may have.
+    """
+    chain = list(_chain(exc))
+
+    def has(*types: type[BaseException]) -> bool:
+        return any(isinstance(e, types) for e in chain)
+
+    if has(ConnectionRefusedError):
+        return "refused", False
+    if has(urllib3.exceptions.NewConnectionError):  # a subclass of ConnectTimeoutError
+        return "other", False
+    if has(requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError):
+        return "timeout", False
+    if has(requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError, TimeoutError):
+        return "timeout", True
+    if has(ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+           urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError):
+        return "reset", True
+    return "other", True
+
+
+class _Booth:
+    def __init__(self, index: int, url: str, control: _Control) -> None:
+        plan = control.plan
+        self.index = index
+        self.control = control
+        self.stats = BoothStats(booth=index + 1, url=url)
+        self.failure: BaseException | None = None
+        self.finished_at = 0.0
+        self.session = requests.Session()
+        body = json.dumps({"quantity": plan.quantity}).encode()
+        request = requests.Request("POST", url.rstrip("/") + "/buy", data=body,
+                                   headers={"Content-Type": "application/json"})
+        self.prepared = self.session.prepare_request(request)
+        self.send = self.session.get_adapter(self.prepared.url or url).send
+
+    def run(self) -> None:
+        try:
+            self.control.barrier.wait(_START_TIMEOUT)
+            early = self.control.origin - time.perf_counter()  # a start set by another process
+            if early > 0 and self.control.stop.wait(early):
+                return
+            if self.control.plan.rate:
+                self._open_loop()
+            else:
+                self._closed_loop()
+        except threading.BrokenBarrierError:
+            pass  # the run was abandoned before it started
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            self.failure = exc
+            self.control.stop.set()
+        finally:
+            self.finished_at = time.perf_counter()
+            self.session.close()
+
+    def _closed_loop(self) -> None:
+        control = self.control
+        plan = control.plan
+        stop, budget, deadline = control.stop, control.budget, control.deadline
+        think, until_sold_out = plan.think_s, plan.until_sold_out
+        perf = time.perf_counter
+        failures = 0
+        while not stop.is_set():
+            if deadline is not None and perf() >= deadline:
+                break
+            if budget is not None and not budget.take():
+                break
+            outcome = self._buy(perf())
+            if outcome == OUTCOME_SOLD_OUT and until_sold_out:
+                break
+            failures = failures + 1 if outcome == OUTCOME_ERROR else 0
+            if until_sold_out and failures >= GIVE_UP_AFTER:
+                break
+            if think and stop.wait(think):
+                break
+
+    def _open_loop(self) -> None:
+        control = self.control
+        plan = control.plan
+        assert plan.rate
+        stop, deadline, rate, limit = control.stop, control.deadline, plan.rate, plan.requests
+        until_sold_out = plan.until_sold_out
+        perf = time.perf_counter
+        slot, step = self.index, plan.booths  # the index is global across processes
+        failures = 0
+        while not stop.is_set():
+            if limit is not None and slot >= limit:
+                break
+            intended = control.origin + slot / rate
+            if deadline is not None and intended >= deadline:
+                break
+            delay = intended - perf()
+            if delay > 0 and stop.wait(delay):
+                break
+            outcome = self._buy(intended)
+            if outcome == OUTCOME_SOLD_OUT and until_sold_out:
+                break
+            failures = failures + 1 if outcome == OUTCOME_ERROR else 0
+            if until_sold_out and failures >= GIVE_UP_AFTER:
+                break
+            slot += step
+
+    def _buy(self, intended: float) -> int:
+        """Send one purchase, record it, and answer its OUTCOME_*."""
+        st = self.stats
+        try:
+            response = self.send(self.prepared, timeout=self.control.plan.timeout)
+            body = response.content  # read the whole body: the connection goes back to the pool
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            now = time.perf_counter()
+            kind, maybe_sent = classify_exception(exc)
+            st.errors[kind] += 1
+            if maybe_sent:
+                st.unknown_tickets += self.control.plan.quantity
+            st.record(now - self.control.origin, int((now - intended) * 1e6), OUTCOME_ERROR)
+            return OUTCOME_ERROR
+        now = time.perf_counter()
+        status = response.status_code
+        st.status_counts[status] += 1
+        if status == 200:
+            try:
+                serials = [t["serial"] for t in json.loads(body)["tickets"]]
+            except (ValueError, KeyError, TypeError):
+                # A sale we cannot read: it may have sold, but we got no serial.
+                st.errors["other"] += 1
+                st.unknown_tickets += self.control.plan.quantity
+                outcome = OUTCOME_ERROR
+            else:
+                st.serials.extend(serials)
+                st.tickets += len(serials)
+                outcome = OUTCOME_OK
+        elif status == 409 and b"sold_out" in body:
+            st.sold_out += 1
+            outcome = OUTCOME_SOLD_OUT
+        else:
+            st.errors["5xx" if status >= 500 else "other"] += 1
+            outcome = OUTCOME_ERROR
+        st.record(now - self.control.origin, int((now - intended) * 1e6), outcome)
+        return outcome
+
+
+def run_load(plan: LoadPlan,
+             on_tick: Callable[[Sequence[BoothStats], float], None] | None = None,
+             tick_s: float = 0.2,
+             *,
+             booth_ids: Sequence[int] | None = None,
+             budget: int | None = None,
+             origin: float | None = None,
+             should_stop: Callable[[], bool] | None = None) -> LoadResult:
+    """Run the booths until they stop; call ``on_tick(stats, elapsed)`` now and then.
+
+    By default this runs all ``plan.booths`` booths in this process.  A process
+    that runs a share of them (``--processes``) passes its ``booth_ids``
+    (0-based, global: they choose the URL and the open-loop slots), its share
+    of the request ``budget``, the common ``origin`` (a ``perf_counter``
+    time, the same clock in every process) and ``should_stop``, polled every
+    tick.  Ctrl-C stops the booths (each finishes or times out its request in
+    flight) and the partial result is returned with ``interrupted`` set.
+    """
+    if not plan.urls:
+        raise ValueError("no URL to test")
+    ids = range(plan.booths) if booth_ids is None else booth_ids
+    control = _Control(plan, plan.requests if booth_ids is None else budget, origin, len(ids))
+    booths = [_Booth(i, plan.urls[i % len(plan.urls)], control) for i in ids]
+    threads = [threading.Thread(target=b.run, name=f"booth-{b.stats.booth}", daemon=True)
+               for b in booths]
+    for t in threads:
+        t.start()
+    interrupted = False
+    try:
+        control.barrier.wait(_START_TIMEOUT)
+        for t in threads:
+            while t.is_alive():
+                t.join(tick_s)
+                if on_tick is not None:
+                    on_tick([b.stats for b in booths], time.perf_counter() - control.origin)
+                if should_stop is not None and should_stop():
+                    interrupted = True
+                    control.stop.set()
+    except KeyboardInterrupt:
+        interrupted = True
+        control.stop.set()
+        control.barrier.abort()
+        for t in threads:
+            t.join(plan.timeout + 5.0)
+    finally:
+        control.stop.set()
+    for b in booths:
+        if b.failure is not None:
+            raise b.failure
+    ends = [b.finished_at for b in booths]
+    elapsed = max(ends) - control.origin if control.origin and ends else 0.0
+    return LoadResult(booths=[b.stats for b in booths], elapsed=max(elapsed, 0.0),
+                      interrupted=interrupted)

@@ -1,0 +1,328 @@
+"""``ticketbooth-load``: the command line of the load generator.
+
+``run(argv) -> int`` does the work and answers the exit status; ``main()``
+is the console script.  Exit statuses: 0 every check passed, 1 a check
+failed, 2 usage error or a service that cannot be reached at the start (or
+cannot be spawned), 3 a threshold was breached, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from typing import IO
+
+import requests
+
+from loadtest.booths import LoadPlan, classify_exception, run_load
+from loadtest.checks import (
+    RunRecord,
+    Snapshot,
+    check_thresholds,
+    run_checks,
+)
+from loadtest.processes import run_load_processes
+from loadtest.report import Progress, Report, format_text, to_json, verdict, write_plot
+from loadtest.spawn import SpawnError, spawned_service
+from loadtest.stats import BoothStats, latency_summary, merge
+
+__all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_THRESHOLD", "EXIT_USAGE", "main", "run"]
+
+PROG = "ticketbooth-load"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_THRESHOLD = 3
+EXIT_INTERRUPTED = 130
+
+#: Seconds allowed for each request that reads the service's state before and after the run.
+PROBE_TIMEOUT = 5.0
+
+
+class ServiceError(Exception):
+    """The service could not be reached or gave an unexpected answer."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0: {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1: {text!r}")
+    return value
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"not an http:// or https:// URL: {text!r}")
+    return text.rstrip("/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Concurrent booths buy tickets from a ticketbooth service over HTTP, "
+                    "measure latency and throughput, then check that nothing was oversold, "
+                    "duplicated or lost.",
+        epilog="Exit status: 0 all checks passed, 1 a check failed, 2 usage error or service "
+               "unreachable at the start, 3 a threshold was breached.",
+    )
+    target = p.add_argument_group("target")
+    target.add_argument("--url", action="append", type=_url, metavar="URL",
+                        help=f"base URL of the service (default {DEFAULT_URL}); give it several "
+                             "times to spread the booths round-robin over instances that share "
+                             "one stock")
+    target.add_argument("--spawn", action="store_true",
+                        help="start a local service on a free loopback port for the run and stop "
+                             "it afterwards (runs 'python -m app serve')")
+    target.add_argument("--tickets", type=_positive_int, metavar="N",
+                        help="with --spawn: the spawned service's stock (default 100)")
+    target.add_argument("--store", metavar="STORE",
+                        help="with --spawn: the spawned service's store, e.g. memory, "
+                             "sqlite:///PATH or unsafe-memory (default memory; --allow-unsafe is "
+                             "passed for unsafe-memory)")
+    target.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="with --spawn: one more argument for the spawned service, e.g. "
+                             "--server-arg=--chore-ms=20 (may be repeated)")
+
+    load = p.add_argument_group("load")
+    load.add_argument("--booths", type=_positive_int, default=10, metavar="N",
+                      help="number of booths: concurrent buyer threads, each with its own "
+                           "connection (default 10)")
+    load.add_argument("--quantity", type=_positive_int, default=1, metavar="K",
+                      help="tickets asked for in each purchase (default 1)")
+    load.add_argument("--requests", type=_positive_int, metavar="N",
+                      help="stop after N requests in total; booths then go on past sold out, "
+                           "counting 409 answers (default: each booth stops at its first sold-out "
+                           "answer)")
+    load.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+                      help="stop after this many seconds, going on past sold out like "
+                           "--requests; with --requests, whichever comes first (default: until "
+                           "sold out)")
+    load.add_argument("--rate", type=_positive_float, metavar="R",
+                      help="open loop: send R requests per second in total at a constant rate, "
+                           "measuring latency from each request's intended send time "
+                           "(coordinated-omission correction); default: closed loop, each "
+                           "booth sends as soon as it has its answer")
+    load.add_argument("--think", type=_non_negative_float, default=0.0, metavar="MS",
+                      help="pause in milliseconds between one booth's purchases (closed loop "
+                           "only; default 0)")
+    load.add_argument("--processes", type=_positive_int, default=1, metavar="P",
+                      help="spread the booths over P worker processes when one Python process "
+                           "cannot keep up (default 1: all booths are threads of this process)")
+    load.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                      help="timeout of each request (default 10)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", dest="json_path",
+                     help="write the full result as JSON to PATH, or to stdout with '-' (the "
+                          "human report then goes to stderr)")
+    out.add_argument("--plot", metavar="PATH.png",
+                     help="write a PNG of throughput and latency percentiles over time")
+    out.add_argument("--quiet", "-q", action="store_true",
+                     help="print only the verdict line (and FAIL lines); no table, no progress "
+                          "bar")
+
+    limits = p.add_argument_group("thresholds (exit 3 when breached)")
+    limits.add_argument("--max-p99-ms", type=_positive_float, metavar="MS",
+                        help="fail when the 99th percentile latency is above MS milliseconds")
+    limits.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION",
+                        help="fail when errors / requests is above FRACTION (0..1), e.g. 0.01")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse and cross-check the options; usage errors exit 2 through argparse."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.spawn and args.url:
+        parser.error("--spawn starts its own service: do not give --url with it")
+    if not args.spawn:
+        given = [flag for flag, value in (("--tickets", args.tickets), ("--store", args.store),
+                                          ("--server-arg", args.server_arg)) if value]
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --spawn")
+    if args.rate and args.think:
+        parser.error("--think applies to the closed loop only: do not give it with --rate")
+    for path in (args.json_path, args.plot):
+        if path and path != "-":
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                parser.error(f"no such directory for {path!r}: {folder}")
+    if args.plot == "-":
+        parser.error("--plot needs a file path")
+    return args
+
+
+def _get_json(url: str) -> dict[str, object]:
+    try:
+        response = requests.get(url, timeout=PROBE_TIMEOUT)
+    except requests.RequestException as exc:
+        kind, _ = classify_exception(exc)
+        reason = {"refused": "connection refused (is the service running?)",
+                  "timeout": f"no answer within {PROBE_TIMEOUT:g} s",
+                  "reset": "the connection was reset"}.get(kind, str(exc))
+        raise ServiceError(f"cannot reach the service at {url}: {reason}") from None
+    if response.status_code != 200:
+        raise ServiceError(f"unexpected answer from GET {url}: HTTP {response.status_code}")
+    try:
+        body = response.json()
+    except ValueError:
+        raise ServiceError(f"unexpected answer from GET {url}: not JSON") from None
+    if not isinstance(body, dict):
+        raise ServiceError(f"unexpected answer from GET {url}: not a JSON object")
+    return body
+
+
+def read_remaining(base_url: str) -> Snapshot:
+    """``GET /remaining`` as a Snapshot; ServiceError when it cannot be had."""
+    url = base_url + "/remaining"
+    body = _get_json(url)
+    try:
+        values = {k: body[k] for k in ("remaining", "sold", "total")}
+    except KeyError as exc:
+        raise ServiceError(f"unexpected answer from GET {url}: no {exc.args[0]!r}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
+        raise ServiceError(f"unexpected answer from GET {url}: counts are not integers")
+    return Snapshot(**values)  # type: ignore[arg-type]
+
+
+def _plan(args: argparse.Namespace, urls: Sequence[str]) -> LoadPlan:
+    return LoadPlan(urls=tuple(urls), booths=args.booths, quantity=args.quantity,
+                    requests=args.requests, duration=args.duration, rate=args.rate,
+                    think_s=args.think / 1000.0, timeout=args.timeout,
+                    processes=args.processes)
+
+
+def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, object] | None,
+             out: IO[str]) -> int:
+    before = read_remaining(urls[0])
+    for url in dict.fromkeys(urls[1:]):
+        _get_json(url + "/healthz")
+    plan = _plan(args, urls)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    # The bar only on a terminal: never in pipes or CI logs (with --json - stdout is the JSON).
+    show_bar = sys.stdout.isatty() and out.isatty() and not args.quiet
+    progress = Progress(plan, before.remaining, enabled=show_bar, stream=out)
+    try:
+        if plan.processes > 1:
+            result = run_load_processes(plan, on_tick=progress.update)
+        else:
+            def tick(booths: Sequence[BoothStats], elapsed: float) -> None:
+                progress.update(sum(b.requests for b in booths), sum(b.tickets for b in booths),
+                                sum(b.error_count for b in booths), elapsed)
+
+            result = run_load(plan, on_tick=tick)
+    finally:
+        progress.close()
+    after: Snapshot | None = None
+    after_error = ""
+    try:
+        after = read_remaining(urls[0])
+    except ServiceError as exc:
+        after_error = str(exc)
+    stats = merge(result.booths)
+    checks = run_checks(RunRecord(serials=stats.serials(), before=before, after=after,
+                                  acknowledged=stats.tickets, unknown=stats.unknown_tickets,
+                                  after_error=after_error))
+    thresholds = check_thresholds(latency_summary(stats.histogram)["p99"], stats.error_rate,
+                                  args.max_p99_ms, args.max_error_rate)
+    report = Report(plan=plan, stats=stats, elapsed=result.elapsed, started_at=started_at,
+                    before=before, after=after, checks=checks, thresholds=thresholds,
+                    interrupted=result.interrupted, spawn=spawn)
+    if result.interrupted:
+        report.exit_status = EXIT_INTERRUPTED
+    elif report.failed_checks:
+        report.exit_status = EXIT_CHECK_FAILED
+    elif report.breached:
+        report.exit_status = EXIT_THRESHOLD
+
+    if args.quiet:
+        fails = [f"  FAIL  {c.name}: {c.detail}" for c in checks if not c.passed]
+        print("\n".join([*fails, verdict(report)]), file=out)
+    else:
+        print(format_text(report), file=out)
+    try:
+        if args.plot:
+            write_plot(report, args.plot)
+        if args.json_path == "-":
+            json.dump(to_json(report), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        elif args.json_path:
+            with open(args.json_path, "w", encoding="utf-8") as f:
+                json.dump(to_json(report), f, indent=2)
+                f.write("\n")
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write the result: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return report.exit_status
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the load test described by ``argv`` and answer the exit status."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    out = sys.stderr if args.json_path == "-" else sys.stdout
+    try:
+        with ExitStack() as stack:
+            if args.spawn:
+                tickets = args.tickets or 100
+                store = args.store or "memory"
+                url = stack.enter_context(spawned_service(tickets, store, args.server_arg))
+                spawn: dict[str, object] | None = {
+                    "tickets": tickets, "store": store, "server_args": list(args.server_arg)}
+                urls = [url]
+            else:
+                spawn = None
+                urls = args.url or [DEFAULT_URL]
+            return _execute(args, urls, spawn, out)
+    except (ServiceError, SpawnError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def main() -> int:
+    """Console script entry point."""
+    try:
+        return run(sys.argv[1:])
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,145 @@
+"""``--spawn``: run a local ticketbooth service for the length of a load test.
+
+The service is started as a subprocess (``python -m app serve`` on
+127.0.0.1, port 0) and known only by the URL it prints; it is never imported.
+Every wait is bounded, and the process is always stopped (SIGTERM, then
+SIGKILL if it does not exit in time) when the ``with`` block ends.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO
+
+__all__ = ["SpawnError", "serve_command", "spawned_service"]
+
+_LISTENING = re.compile(r"^ticketbooth listening on (http://\S+)\s*$")
+#: Seconds to wait for the service to print its listening line.
+START_TIMEOUT = 30.0
+#: Seconds to wait for the service to exit after SIGTERM before killing it.
+STOP_TIMEOUT = 10.0
+#: Lines of the service's stderr passed on, once it listens, before the rest are only counted.
+STDERR_LINES = 5
+
+UNSAFE_STORE = "unsafe-memory"
+
+
+class SpawnError(Exception):
+    """The service could not be started."""
+
+
+def serve_command(tickets: int, store: str, extra: Sequence[str] = ()) -> list[str]:
+    """The command line that starts the service on a free loopback port."""
+    cmd = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
+           "--tickets", str(tickets), "--store", store]
+    if store == UNSAFE_STORE:
+        cmd.append("--allow-unsafe")
+    return cmd + list(extra)
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    """Read the service's stdout to its end, so that it can never block on a full pipe."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+class _StderrRelay:
+    """Pass the service's stderr on to ours, prefixed.
+
+    Everything until the service listens (so a failed start is explained in
+    full), then up to ``limit`` lines: a busy service can log a line per
+    request (waitress warns of every queued task), which would drown the
+    report, so the rest are counted and summed up.
+    """
+
+    def __init__(self, stream: IO[str], limit: int = STDERR_LINES) -> None:
+        self._stream = stream
+        self._limit = limit
+        self.hidden = 0
+        self.listening = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="spawned-stderr")
+        self._thread.start()
+
+    def _run(self) -> None:
+        shown = 0
+        for line in self._stream:
+            if not self.listening or shown < self._limit:
+                sys.stderr.write(f"[service] {line}")
+                sys.stderr.flush()
+                shown += self.listening
+            else:
+                self.hidden += 1
+
+    def finish(self) -> None:
+        self._thread.join(STOP_TIMEOUT)  # the pipe ends when the service has exited
+        self._stream.close()
+        if self.hidden:
+            sys.stderr.write(f"[service] ... {self.hidden} more lines not shown\n")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+
+
+@contextmanager
+def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
+                    start_timeout: float = START_TIMEOUT) -> Iterator[str]:
+    """Start the service, yield its base URL, stop it afterwards.
+
+    The service's stderr (its logs and warnings) goes to ours, prefixed with
+    ``[service]``, up to STDERR_LINES lines.
+    """
+    cmd = serve_command(tickets, store, extra)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        # Its own process group: a Ctrl-C at the terminal interrupts the load test, which
+        # then still reads /remaining from the service before it stops it.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, process_group=0)
+    except OSError as exc:
+        raise SpawnError(f"cannot start the service ({' '.join(cmd)}): {exc}") from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    relay = _StderrRelay(proc.stderr)
+    lines: queue.Queue[str | None] = queue.Queue()
+    pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True,
+                            name="spawned-stdout")
+    try:
+        pump.start()
+        url = None
+        deadline = time.monotonic() + start_timeout
+        try:
+            while url is None:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+                if line is None:
+                    status = proc.wait(STOP_TIMEOUT)
+                    raise SpawnError(f"the spawned service exited with status {status} "
+                                     "before it was listening (its messages are above)")
+                match = _LISTENING.match(line)
+                if match:
+                    url = match.group(1)
+                    relay.listening = True
+        except queue.Empty:
+            raise SpawnError(f"the spawned service did not say it was listening "
+                             f"within {start_timeout:g} s") from None
+        yield url
+    finally:
+        _stop(proc)
+        pump.join(STOP_TIMEOUT)  # the pipe ends when the service has exited
+        proc.stdout.close()
+        relay.finish()
