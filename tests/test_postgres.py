@@ -6,6 +6,7 @@ Everything here runs against a real throwaway PostgreSQL server (tests/pg.py) an
 
 from __future__ import annotations
 
+import json
 import random
 import select
 import signal
@@ -59,9 +60,14 @@ def test_state_survives_a_restart_and_postgres_scheme_is_accepted(
 def test_a_different_tickets_than_the_database_holds_is_refused(
         postgres_server: PostgresServer) -> None:
     url = postgres_server.new_database()
-    open_store(settings(url, 10)).close()
-    with pytest.raises(StoreSetupError, match="database holds 10 tickets but --tickets is 20"):
+    store = open_store(settings(url, 10))
+    store.restock(5)  # the stock it was created with still counts, not the total now
+    store.close()
+    with pytest.raises(StoreSetupError, match="created with --tickets 10, not 20; refusing"):
         open_store(settings(url, 20))
+    with pytest.raises(StoreSetupError, match="created with --tickets 10, not 15; refusing"):
+        open_store(settings(url, 15))
+    open_store(settings(url, 10)).close()
 
 
 def test_instances_starting_at_once_create_the_schema_once(
@@ -199,8 +205,11 @@ def test_cli_refuses_a_changed_stock_and_an_unreachable_database(
         pass
     changed = run_cli("serve", "--port", "0", "--store", url, "--tickets", "40")
     assert changed.returncode == 2
+    database = url.rsplit("/", 1)[1]
     assert changed.stderr.strip().splitlines() == [
-        "ticketbooth: error: database holds 30 tickets but --tickets is 40"]
+        f"ticketbooth: error: the database at 127.0.0.1:{postgres_server.port}/{database} was "
+        "created with --tickets 30, not 40; refusing to change the stock of an existing "
+        "database"]
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     unreachable = run_cli("serve", "--port", "0", "--store", nowhere)
     assert unreachable.returncode == 2
@@ -222,14 +231,16 @@ def test_a_malformed_url_stops_the_cli_with_one_line(url: str) -> None:
         "ticketbooth: error: invalid PostgreSQL URL: "), result.stderr
 
 
-def test_three_instances_share_one_stock(postgres_server: PostgresServer,
-                                         tmp_path: Path) -> None:
-    """Scale-out: three processes, one database, exactly the stock sold, no serial twice.
+def load_generator() -> list[str]:
+    """The ``ticketbooth-load`` console script of this environment (``-m loadtest`` else)."""
+    script = Path(sys.executable).with_name("ticketbooth-load")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "loadtest"]
 
-    Plain requests threads spread the buying round-robin over the instances; once the
-    load generator (ticketbooth-load, one --url per instance) lands, it can drive this.
-    """
-    stock, clients = 1500, 9
+
+def test_three_instances_sell_the_stock_once_under_ticketbooth_load(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """Scale-out: three processes on one database, ticketbooth-load with one --url each."""
+    stock = 1200
     url = postgres_server.new_database()
     with ExitStack() as stack:
         # All three start at once against an empty database: the schema race is real.
@@ -248,30 +259,55 @@ def test_three_instances_share_one_stock(postgres_server: PostgresServer,
         other = requests.post(f"{urls[2]}/buy", headers=key, json={"quantity": 2}, timeout=10)
         assert other.status_code == 422
 
-        bought: list[list[int]] = [[1]] + [[] for _ in range(clients)]
-        per_instance = [0] * len(urls)
+        result_path = tmp_path / "load.json"
+        load = subprocess.run(
+            [*load_generator(), *(arg for u in urls for arg in ("--url", u)),
+             "--booths", "12", "--json", str(result_path), "--quiet"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert load.returncode == 0, load.stdout + load.stderr
+        result = json.loads(result_path.read_text())
+        assert [check["passed"] for check in result["checks"]] == [True] * 4, result["checks"]
+        assert result["remaining_before"] == {"remaining": stock - 1, "sold": 1, "total": stock}
+        assert result["remaining_after"] == {"remaining": 0, "sold": stock, "total": stock}
+        assert result["tickets_acknowledged"] == stock - 1
+        assert result["tickets_unknown"] == 0 and result["error_rate"] == 0
+        sold_by = {u: sum(b["tickets"] for b in result["booths"] if b["url"] == u)
+                   for u in urls}
+        assert all(sold_by.values()), f"every instance sells: {sold_by}"
+
+        for instance_url in urls:  # every instance agrees on the shared stock
+            assert requests.get(f"{instance_url}/remaining", timeout=10).json() == {
+                "remaining": 0, "sold": stock, "total": stock}
+            assert requests.get(f"{instance_url}/tickets/{stock}", timeout=10).status_code == 200
+
+
+def test_mixed_quantities_over_two_instances_sell_every_serial_once(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """Round-robin per request, 1 to 4 tickets each, down to the last ticket: all or nothing
+    holds across processes, and the union of what was handed out is exactly 1..stock."""
+    stock, clients = 600, 8
+    url = postgres_server.new_database()
+    with ExitStack() as stack:
+        urls = [stack.enter_context(service(url, tmp_path / f"booth-{i}.log",
+                                            "--tickets", str(stock), "--threads", "4")).url
+                for i in range(2)]
+        bought: list[list[int]] = [[] for _ in range(clients)]
         failures: list[str] = []
-        lock = threading.Lock()
         start = threading.Barrier(clients)
 
         def client(index: int) -> None:
             chooser = random.Random(index)
             quantity = chooser.randint(1, 4)
-            turn = index
             with requests.Session() as session:
                 start.wait()
-                for _ in range(stock + 10):  # bounded: every pass sells or ends
-                    target = turn % len(urls)
-                    turn += 1
-                    response = session.post(f"{urls[target]}/buy", json={"quantity": quantity},
-                                            timeout=30)
+                for turn in range(index, index + stock + 10):  # bounded: each pass sells or ends
+                    response = session.post(f"{urls[turn % len(urls)]}/buy",
+                                            json={"quantity": quantity}, timeout=30)
                     if response.status_code == 200:
-                        bought[index + 1].extend(t["serial"] for t in response.json()["tickets"])
-                        with lock:
-                            per_instance[target] += 1
+                        bought[index].extend(t["serial"] for t in response.json()["tickets"])
                         quantity = chooser.randint(1, 4)
                     elif response.status_code == 409 and response.json()["remaining"] > 0:
-                        quantity = 1  # fewer left than asked: take them one by one
+                        quantity = 1  # fewer left than asked: nothing sold; take them singly
                     elif response.status_code == 409:
                         return
                     else:
@@ -286,14 +322,11 @@ def test_three_instances_share_one_stock(postgres_server: PostgresServer,
             thread.join(timeout=120)
         assert not any(thread.is_alive() for thread in threads)
         assert not failures, failures
-
         sold = sorted(serial for serials in bought for serial in serials)
         assert sold == list(range(1, stock + 1)), "oversold, duplicated or lost"
-        assert all(count > 0 for count in per_instance), per_instance
         for instance_url in urls:
             assert requests.get(f"{instance_url}/remaining", timeout=10).json() == {
                 "remaining": 0, "sold": stock, "total": stock}
-            assert requests.get(f"{instance_url}/tickets/{stock}", timeout=10).status_code == 200
 
 
 # -- the database goes away and comes back ----------------------------------------------

@@ -188,8 +188,10 @@ class PostgresStore:
         assert row is not None
         initial = int(row[0])
         if initial != tickets:
-            raise StoreSetupError(f"database holds {initial} tickets but --tickets is "
-                                  f"{tickets}")
+            # Worded as the SQLite store words it. Restocks change ``total``, not ``initial``.
+            raise StoreSetupError(
+                f"the database at {self._where} was created with --tickets {initial}, not "
+                f"{tickets}; refusing to change the stock of an existing database")
 
     # -- running transactions ------------------------------------------------------------
 
