@@ -54,19 +54,22 @@ def store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest | None =
 
 @contextmanager
 def postgres(*, durable: bool) -> Iterator[PostgresServer]:
-    """A started throwaway PostgreSQL server; fails the test loudly when it cannot be had."""
+    """A started throwaway PostgreSQL server; fails the test loudly when it cannot be had
+    (missing server binaries are a failure with the reason, never a skip)."""
+    server: PostgresServer | None = None
+    reason = ""
     try:
         server = PostgresServer(durable=durable)
+        server.start()
     except PostgresUnavailable as error:
-        pytest.fail(str(error), pytrace=False)
+        reason = str(error)
     try:
-        try:
-            server.start()
-        except PostgresUnavailable as error:
-            pytest.fail(str(error), pytrace=False)
+        if server is None or reason:
+            pytest.fail(reason, pytrace=False)
         yield server
     finally:
-        server.remove()
+        if server is not None:
+            server.remove()
 
 
 @pytest.fixture(scope="session")
