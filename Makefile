@@ -7,7 +7,10 @@ ARGS ?=
 # `make run` keeps its tickets in a durable SQLite file under ./data/ (a flag in ARGS wins).
 export TICKETBOOTH_STORE ?= sqlite:///data/tickets.db
 
-.PHONY: run test lint typecheck clean demo container-deps container-test
+# The tests start a throwaway PostgreSQL server from Debian's server binaries.
+PG_INITDB_GLOB ?= /usr/lib/postgresql/*/bin/initdb
+
+.PHONY: run test lint typecheck clean demo postgres-server container-deps container-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +27,16 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/ticketbooth serve $(ARGS)
 
-test: $(VENV)/.installed-test
+# Installs Debian's postgresql package only when no server binaries are there.
+postgres-server:
+	@if ! ls $(PG_INITDB_GLOB) >/dev/null 2>&1; then \
+		echo "PostgreSQL server binaries missing ($(PG_INITDB_GLOB)): installing Debian's postgresql"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
+	fi
+
+test: $(VENV)/.installed-test postgres-server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not container"
 	$(MAKE) container-test

@@ -50,7 +50,11 @@ class Settings:
     max_body_bytes: int = _setting(1024, "Largest request body accepted, in bytes (else 413).",
                                    minimum=16, maximum=10 * 1024 * 1024)
     store: str = _setting("memory", "Where tickets live: memory, sqlite:///PATH, "
+                          "postgresql://USER@HOST:PORT/DB, "
                           "or the lesson's broken demo store unsafe-memory.")
+    pool_size: int = _setting(10, "Most connections one process keeps open to PostgreSQL "
+                              "(postgresql:// stores only); keep it at least --threads.",
+                              minimum=1, maximum=1000)
     allow_unsafe: bool = _setting(False, "Permit --store unsafe-memory, which oversells "
                                   "on purpose to show why the lock matters.")
     chore_ms: float = _setting(0.0, "A simulated slow chore per sale, in milliseconds, done "

@@ -20,9 +20,10 @@ from app.inventory import Store
 from app.server import Server
 from app.settings import Settings
 from app.stores import open_store
+from tests.pg import PostgresServer, PostgresUnavailable
 
 # Every backend the shared store suite runs against.
-STORE_KINDS = ["memory", "sqlite"]
+STORE_KINDS = ["memory", "sqlite", "postgres"]
 
 
 class FakeClock:
@@ -38,12 +39,44 @@ class FakeClock:
         self.now += seconds
 
 
-def store_url(kind: str, tmp_path: Path) -> str:
+def store_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest | None = None) -> str:
     if kind == "memory":
         return "memory"
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'tickets.db'}"
+    if kind == "postgres":
+        # A fresh database per test in the session's server: started only when needed.
+        assert request is not None, "postgres stores need the test's request"
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return server.new_database()
     raise ValueError(kind)
+
+
+@contextmanager
+def postgres(*, durable: bool) -> Iterator[PostgresServer]:
+    """A started throwaway PostgreSQL server; fails the test loudly when it cannot be had
+    (missing server binaries are a failure with the reason, never a skip)."""
+    server: PostgresServer | None = None
+    reason = ""
+    try:
+        server = PostgresServer(durable=durable)
+        server.start()
+    except PostgresUnavailable as error:
+        reason = str(error)
+    try:
+        if server is None or reason:
+            pytest.fail(reason, pytrace=False)
+        yield server
+    finally:
+        if server is not None:
+            server.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session (fsync off); tests take a database each."""
+    with postgres(durable=False) as server:
+        yield server
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -54,9 +87,10 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 class Stores:
     """Opens stores of one kind; everything opened is closed at teardown."""
 
-    def __init__(self, kind: str, tmp_path: Path) -> None:
+    def __init__(self, kind: str, tmp_path: Path,
+                 request: pytest.FixtureRequest | None = None) -> None:
         self.kind = kind
-        self.url = store_url(kind, tmp_path)
+        self.url = store_url(kind, tmp_path, request)
         self.opened: list[Store] = []
 
     def settings(self, tickets: int = 100, **overrides: Any) -> Settings:
@@ -77,9 +111,10 @@ class Stores:
 
 
 @pytest.fixture
-def make_store(store_kind: str, tmp_path: Path) -> Iterator[Stores]:
+def make_store(store_kind: str, tmp_path: Path,
+               request: pytest.FixtureRequest) -> Iterator[Stores]:
     """``make_store(tickets, clock=None, **settings)`` opens a store of each kind in turn."""
-    stores = Stores(store_kind, tmp_path)
+    stores = Stores(store_kind, tmp_path, request)
     yield stores
     stores.close_all()
 

@@ -51,6 +51,15 @@ def test_healthz_and_ticket_lookup(live_server: Callable[..., Any]) -> None:
         assert ticket.json()["sold_at"].endswith("Z")
 
 
+def test_ticket_lookup_past_every_serial_is_404(live_server: Callable[..., Any]) -> None:
+    with live_server(tickets=5) as url:
+        requests.post(f"{url}/buy", json={"quantity": 5}, timeout=5)
+        for serial in (6, 2**63, 10**30):  # past a database's bigint too
+            response = requests.get(f"{url}/tickets/{serial}", timeout=5)
+            assert response.status_code == 404, response.text
+            assert response.json()["error"] == "not_found"
+
+
 def test_64_clients_sell_exactly_the_stock(live_server: Callable[..., Any]) -> None:
     stock, clients = 300, 64
     start = threading.Barrier(clients)

@@ -46,6 +46,7 @@ def test_every_setting_has_a_flag_a_variable_and_help() -> None:
     (["--port", "abc"], {}, "--port: expected an integer"),
     (["--port", "70000"], {}, "--port: must be at most 65535"),
     (["--threads", "0"], {}, "--threads: must be at least 1"),
+    (["--pool-size", "0"], {}, "--pool-size: must be at least 1"),
     ([], {"TICKETBOOTH_TICKETS": "-5"}, "TICKETBOOTH_TICKETS: must be at least 0"),
     ([], {"TICKETBOOTH_ALLOW_UNSAFE": "maybe"}, "expected true or false"),
     (["--chore-ms", "nan"], {}, "finite"),

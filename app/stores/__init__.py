@@ -36,5 +36,14 @@ def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
         return SqliteStore(path_from_url(url), settings.tickets, chore_s=chore_s, key_ttl=ttl,
                            clock=clock)
-    raise StoreSetupError(f"unknown store {url!r}: use memory, sqlite:///PATH "
-                          "or unsafe-memory")
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from app.stores.postgres import PostgresStore
+        except ImportError as error:  # psycopg is a dependency; a broken install shows here
+            raise StoreSetupError(f"--store {url.split(':', 1)[0]}:// needs psycopg and "
+                                  f"psycopg-pool: {error}") from error
+
+        return PostgresStore(url, settings.tickets, pool_size=settings.pool_size,
+                             chore_s=chore_s, key_ttl=ttl, clock=clock)
+    raise StoreSetupError(f"unknown store {url!r}: use memory, sqlite:///PATH, "
+                          "postgresql://USER@HOST:PORT/DB or unsafe-memory")

@@ -1,0 +1,500 @@
+"""What only the PostgreSQL store promises: several processes, restarts, a database outage.
+
+Everything here runs against a real throwaway PostgreSQL server (tests/pg.py) and real
+``python -m app serve`` processes talking HTTP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+
+from app.inventory import SoldOut
+from app.settings import Settings
+from app.stores import StoreSetupError, open_store
+from tests.conftest import FakeClock, postgres, wait_until_healthy
+from tests.pg import PostgresServer, free_port
+
+
+def settings(url: str, tickets: int = 100, **overrides: object) -> Settings:
+    return Settings(**{"store": url, "tickets": tickets, **overrides})  # type: ignore[arg-type]
+
+
+# -- the store, opened twice (as two service processes would) --------------------------
+
+
+def test_state_survives_a_restart_and_postgres_scheme_is_accepted(
+        postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    first = open_store(settings(url, 10))
+    try:
+        assert list(first.sell(3, "k").serials) == [1, 2, 3]
+        first.restock(5)
+    finally:
+        first.close()
+    again = open_store(settings(url.replace("postgresql://", "postgres://"), 10))
+    try:
+        counts = again.counts()
+        assert (counts.total, counts.sold) == (15, 3)
+        assert again.sell(3, "k").replayed
+        assert again.sold_at(3) is not None and again.sold_at(4) is None
+    finally:
+        again.close()
+
+
+def test_a_different_tickets_than_the_database_holds_is_refused(
+        postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    store = open_store(settings(url, 10))
+    store.restock(5)  # the stock it was created with still counts, not the total now
+    store.close()
+    with pytest.raises(StoreSetupError, match="created with --tickets 10, not 20; refusing"):
+        open_store(settings(url, 20))
+    with pytest.raises(StoreSetupError, match="created with --tickets 10, not 15; refusing"):
+        open_store(settings(url, 15))
+    open_store(settings(url, 10)).close()
+
+
+def test_instances_starting_at_once_create_the_schema_once(
+        postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    start = threading.Barrier(6)
+    opened: list[object] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            opened.append(open_store(settings(url, 50, pool_size=2)))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert not errors, errors
+        assert len(opened) == 6
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT initial, total, sold FROM stock").fetchall() == [
+                (50, 50, 0)]
+    finally:
+        for store in opened:
+            store.close()  # type: ignore[attr-defined]
+
+
+def test_one_key_sent_to_two_instances_at_once_sells_once(
+        postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    # The slow chore keeps the winner's transaction open while the others arrive.
+    stores = [open_store(settings(url, 100, chore_ms=100, pool_size=4)) for _ in range(2)]
+    start = threading.Barrier(8)
+    sales: list[object] = []
+
+    def buy(index: int) -> None:
+        start.wait()
+        sales.append(stores[index % 2].sell(3, "same-key"))
+
+    threads = [threading.Thread(target=buy, args=(i,)) for i in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(sales) == 8
+        assert {tuple(sale.serials) for sale in sales} == {(1, 2, 3)}  # type: ignore[attr-defined]
+        assert sum(not sale.replayed for sale in sales) == 1  # type: ignore[attr-defined]
+        assert stores[0].counts().sold == stores[1].counts().sold == 3
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_expired_receipts_are_replaced_and_purged(postgres_server: PostgresServer) -> None:
+    url = postgres_server.new_database()
+    clock = FakeClock()
+    store = open_store(settings(url, 10, idempotency_ttl=100), clock=clock)
+    try:
+        store.sell(1, "a")
+        with pytest.raises(SoldOut):
+            store.sell(20, "b")
+        clock.advance(101)
+        store.sell(1, "c")  # purges what expired
+        with psycopg.connect(url) as conn:
+            keys = [row[0] for row in conn.execute("SELECT key FROM receipts ORDER BY key")]
+        assert keys == ["c"]
+        assert not store.sell(1, "a").replayed  # forgotten: a new sale
+        assert store.counts().sold == 3
+    finally:
+        store.close()
+
+
+def test_sold_at_beyond_bigint_is_not_sold(postgres_server: PostgresServer) -> None:
+    store = open_store(settings(postgres_server.new_database(), 5))
+    try:
+        store.sell(5)
+        assert store.sold_at(10**30) is None and store.sold_at(2**63) is None
+    finally:
+        store.close()
+
+
+# -- real service processes -------------------------------------------------------------
+
+
+@dataclass
+class Instance:
+    process: subprocess.Popen[str]
+    url: str
+    log: Path
+
+
+@contextmanager
+def service(url: str, log: Path, *argv: str, timeout: float = 20.0) -> Iterator[Instance]:
+    """``python -m app serve --port 0 --store URL ...``; yields once it is healthy."""
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--port", "0", "--store", url, *argv],
+            stdout=subprocess.PIPE, stderr=log_file, text=True)
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], timeout)
+        line = process.stdout.readline() if ready else ""
+        assert line.startswith("ticketbooth listening on http://127.0.0.1:"), (
+            f"no listening line ({line!r}); log:\n{log.read_text()}")
+        instance = Instance(process, line.split()[-1], log)
+        wait_until_healthy(instance.url, timeout)
+        yield instance
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app", *argv], capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_cli_refuses_a_changed_stock_and_an_unreachable_database(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    url = postgres_server.new_database()
+    with service(url, tmp_path / "first.log", "--tickets", "30"):
+        pass
+    changed = run_cli("serve", "--port", "0", "--store", url, "--tickets", "40")
+    assert changed.returncode == 2
+    database = url.rsplit("/", 1)[1]
+    assert changed.stderr.strip().splitlines() == [
+        f"ticketbooth: error: the database at 127.0.0.1:{postgres_server.port}/{database} was "
+        "created with --tickets 30, not 40; refusing to change the stock of an existing "
+        "database"]
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    unreachable = run_cli("serve", "--port", "0", "--store", nowhere)
+    assert unreachable.returncode == 2
+    lines = unreachable.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "ticketbooth: error: cannot reach PostgreSQL at 127.0.0.1:"), unreachable.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://%zz",
+    "postgresql://postgres@[::1/db",
+    "postgresql://postgres@127.0.0.1:1/db?nosuchparam=1",
+])
+def test_a_malformed_url_stops_the_cli_with_one_line(url: str) -> None:
+    result = run_cli("serve", "--port", "0", "--store", url)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "ticketbooth: error: invalid PostgreSQL URL: "), result.stderr
+
+
+def load_generator() -> list[str]:
+    """The ``ticketbooth-load`` console script of this environment (``-m loadtest`` else)."""
+    script = Path(sys.executable).with_name("ticketbooth-load")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "loadtest"]
+
+
+def test_three_instances_sell_the_stock_once_under_ticketbooth_load(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """Scale-out: three processes on one database, ticketbooth-load with one --url each."""
+    stock = 1200
+    url = postgres_server.new_database()
+    with ExitStack() as stack:
+        # All three start at once against an empty database: the schema race is real.
+        instances = [stack.enter_context(service(url, tmp_path / f"booth-{i}.log",
+                                                 "--tickets", str(stock), "--threads", "4"))
+                     for i in range(3)]
+        urls = [instance.url for instance in instances]
+
+        # An Idempotency-Key is honoured by every instance, not only the one that sold.
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        first = requests.post(f"{urls[0]}/buy", headers=key, timeout=10)
+        assert first.status_code == 200 and first.json()["tickets"] == [{"serial": 1}]
+        again = requests.post(f"{urls[1]}/buy", headers=key, timeout=10)
+        assert again.status_code == 200 and again.json() == first.json()
+        assert again.headers["Idempotent-Replayed"] == "true"
+        other = requests.post(f"{urls[2]}/buy", headers=key, json={"quantity": 2}, timeout=10)
+        assert other.status_code == 422
+
+        result_path = tmp_path / "load.json"
+        load = subprocess.run(
+            [*load_generator(), *(arg for u in urls for arg in ("--url", u)),
+             "--booths", "12", "--json", str(result_path), "--quiet"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert load.returncode == 0, load.stdout + load.stderr
+        result = json.loads(result_path.read_text())
+        assert [check["passed"] for check in result["checks"]] == [True] * 4, result["checks"]
+        assert result["remaining_before"] == {"remaining": stock - 1, "sold": 1, "total": stock}
+        assert result["remaining_after"] == {"remaining": 0, "sold": stock, "total": stock}
+        assert result["tickets_acknowledged"] == stock - 1
+        assert result["tickets_unknown"] == 0 and result["error_rate"] == 0
+        sold_by = {u: sum(b["tickets"] for b in result["booths"] if b["url"] == u)
+                   for u in urls}
+        assert all(sold_by.values()), f"every instance sells: {sold_by}"
+
+        for instance_url in urls:  # every instance agrees on the shared stock
+            assert requests.get(f"{instance_url}/remaining", timeout=10).json() == {
+                "remaining": 0, "sold": stock, "total": stock}
+            assert requests.get(f"{instance_url}/tickets/{stock}", timeout=10).status_code == 200
+
+
+def test_mixed_quantities_over_two_instances_sell_every_serial_once(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """Round-robin per request, 1 to 4 tickets each, down to the last ticket: all or nothing
+    holds across processes, and the union of what was handed out is exactly 1..stock."""
+    stock, clients = 600, 8
+    url = postgres_server.new_database()
+    with ExitStack() as stack:
+        urls = [stack.enter_context(service(url, tmp_path / f"booth-{i}.log",
+                                            "--tickets", str(stock), "--threads", "4")).url
+                for i in range(2)]
+        bought: list[list[int]] = [[] for _ in range(clients)]
+        failures: list[str] = []
+        start = threading.Barrier(clients)
+
+        def client(index: int) -> None:
+            chooser = random.Random(index)
+            quantity = chooser.randint(1, 4)
+            with requests.Session() as session:
+                start.wait()
+                for turn in range(index, index + stock + 10):  # bounded: each pass sells or ends
+                    response = session.post(f"{urls[turn % len(urls)]}/buy",
+                                            json={"quantity": quantity}, timeout=30)
+                    if response.status_code == 200:
+                        bought[index].extend(t["serial"] for t in response.json()["tickets"])
+                        quantity = chooser.randint(1, 4)
+                    elif response.status_code == 409 and response.json()["remaining"] > 0:
+                        quantity = 1  # fewer left than asked: nothing sold; take them singly
+                    elif response.status_code == 409:
+                        return
+                    else:
+                        failures.append(f"{response.status_code} {response.text}")
+                        return
+                failures.append("client did not finish")
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads)
+        assert not failures, failures
+        sold = sorted(serial for serials in bought for serial in serials)
+        assert sold == list(range(1, stock + 1)), "oversold, duplicated or lost"
+        for instance_url in urls:
+            assert requests.get(f"{instance_url}/remaining", timeout=10).json() == {
+                "remaining": 0, "sold": stock, "total": stock}
+
+
+# -- the database goes away and comes back ----------------------------------------------
+
+
+@dataclass
+class Buyers:
+    """Buying clients that retry each purchase with its Idempotency-Key until it is answered."""
+
+    url: str
+    deadline: float
+    acknowledged: list[int] = field(default_factory=list)  # serials answered 200
+    purchases: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    unavailable: list[tuple[dict[str, object], str | None]] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def buy_one(self, session: requests.Session) -> None:
+        key = str(uuid.uuid4())
+        while time.monotonic() < self.deadline:
+            try:
+                response = session.post(f"{self.url}/buy", headers={"Idempotency-Key": key},
+                                        timeout=15)
+            except requests.ConnectionError as error:
+                self.errors.append(f"connection error: {error}")
+                time.sleep(0.05)  # retry pacing
+                continue
+            with self.lock:
+                self.statuses[response.status_code] = (
+                    self.statuses.get(response.status_code, 0) + 1)
+            if response.status_code == 200:
+                serials = [t["serial"] for t in response.json()["tickets"]]
+                with self.lock:
+                    self.acknowledged.extend(serials)
+                    self.purchases += 1
+                return
+            if response.status_code == 503:
+                with self.lock:
+                    self.unavailable.append((response.json(),
+                                             response.headers.get("Retry-After")))
+            elif not (response.status_code == 409 and
+                      response.json()["error"] == "idempotency_key_in_flight"):
+                self.errors.append(f"{response.status_code} {response.text}")
+                return
+            time.sleep(0.05)  # retry pacing, as a polite client would (Retry-After: 1)
+        self.unfinished.append(key)
+
+    def run(self) -> None:
+        with requests.Session() as session:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                self.buy_one(session)
+                time.sleep(0.01)  # pacing: keep the volume modest on a shared machine
+
+    def count(self) -> int:
+        with self.lock:
+            return self.purchases
+
+
+def poll(condition: object, timeout: float, what: str) -> float:
+    """Poll ``condition()`` every 20 ms until true; return the seconds it took."""
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def status_of(url: str) -> int:
+    try:
+        return requests.get(url, timeout=10).status_code
+    except requests.ConnectionError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PostgresServer]:
+    """A server of this module's own, with default durability: these tests stop it."""
+    with postgres(durable=True) as server:
+        yield server
+
+
+def test_stale_connections_after_a_restart_cost_no_request(own_postgres: PostgresServer) -> None:
+    url = own_postgres.new_database()
+    store = open_store(settings(url, 100, pool_size=4, chore_ms=50))
+    try:
+        start = threading.Barrier(4)
+
+        def buy() -> None:
+            start.wait()
+            store.sell(1)
+
+        threads = [threading.Thread(target=buy) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        with psycopg.connect(url) as conn:
+            pooled = conn.execute("SELECT count(*) FROM pg_stat_activity "
+                                  "WHERE application_name = 'ticketbooth'").fetchone()
+        assert pooled is not None and pooled[0] >= 2, "the pool should have grown"
+
+        own_postgres.stop()  # every pooled connection is now dead, and nobody noticed
+        own_postgres.start()
+        started = time.monotonic()
+        store.check()
+        assert list(store.sell(2).serials) == [5, 6]
+        assert time.monotonic() - started < 1.5
+    finally:
+        store.close()
+
+
+def test_database_outage_is_503_then_recovers_with_nothing_lost(
+        own_postgres: PostgresServer, tmp_path: Path) -> None:
+    total = 100_000
+    database = own_postgres
+    url = database.new_database()
+    with service(url, tmp_path / "booth.log", "--tickets", str(total),
+                 "--threads", "4") as booth:
+        buyers = Buyers(booth.url, deadline=time.monotonic() + 90)
+        threads = [threading.Thread(target=buyers.run) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            poll(lambda: buyers.count() >= 30, 15, "sales before the outage")
+
+            database.stop()
+            stopped = time.monotonic()
+            poll(lambda: status_of(f"{booth.url}/healthz") == 503, 15, "/healthz 503")
+            poll(lambda: len(buyers.unavailable) > 0, 15, "a 503 from /buy")
+            healthz = requests.get(f"{booth.url}/healthz", timeout=10)
+            assert healthz.status_code == 503
+            assert healthz.json()["error"] == "store_unavailable"
+            outage_purchases = buyers.count()
+
+            database.start()
+            restarted = time.monotonic()
+            recovery = poll(lambda: buyers.count() > outage_purchases, 20,
+                            "a sale after the database came back")
+            poll(lambda: status_of(f"{booth.url}/healthz") == 200, 10, "/healthz 200")
+            after = buyers.count()
+            poll(lambda: buyers.count() >= after + 20, 15, "sales going on")
+        finally:
+            buyers.stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+
+        print(f"outage: database down {restarted - stopped:.2f} s, first sale "
+              f"{recovery:.2f} s after restart; purchases {buyers.count()}, "
+              f"statuses {buyers.statuses}, 503 bodies e.g. {buyers.unavailable[0]}")
+        assert not buyers.errors, buyers.errors[:5]
+        assert not buyers.unfinished, "a purchase never got an answer"
+        body, retry_after = buyers.unavailable[0]
+        assert body["error"] == "store_unavailable" and retry_after == "1"
+
+        acknowledged = buyers.acknowledged
+        assert len(set(acknowledged)) == len(acknowledged), "a serial was sold twice"
+        with requests.Session() as session:
+            missing = [serial for serial in acknowledged
+                       if session.get(f"{booth.url}/tickets/{serial}",
+                                      timeout=10).status_code != 200]
+        assert not missing, f"acknowledged but not sold: {missing[:10]}"
+        counts = requests.get(f"{booth.url}/remaining", timeout=10).json()
+        assert counts["sold"] + counts["remaining"] == counts["total"] == total
+        # Every purchase was retried with its key until answered, so nothing was sold
+        # that was not acknowledged either.
+        assert counts["sold"] == len(acknowledged)
