@@ -1,9 +1,12 @@
-"""A throwaway PostgreSQL server for the tests, from Debian's server binaries.
+"""A throwaway PostgreSQL server, from Debian's server binaries, for the tests and the bench.
 
 PostgreSQL refuses to run as root, and CI runs as root: then the cluster lives in a
 temporary folder owned by ``nobody`` (uid/gid 65534) and every server command runs through
 ``setpriv`` as that user (see shared/notes/postgres.md). It listens on 127.0.0.1 only, on a
-free port, with its socket in its own folder.
+free port, with its socket in its own folder. ``tests/pg.py`` re-exports this module.
+
+The bench may pin the server to CPUs (``cpus="0"``): every server command then runs under
+``taskset``, and the postmaster and its backends inherit the affinity.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["PostgresServer", "find_bindir"]
+__all__ = ["PostgresServer", "PostgresUnavailable", "find_bindir", "free_port"]
 
 NOBODY = 65534
 BINARIES_GLOB = "/usr/lib/postgresql/*/bin"
@@ -52,9 +55,10 @@ def free_port() -> int:
 class PostgresServer:
     """One PostgreSQL cluster in a temporary folder: init, start, stop, remove."""
 
-    def __init__(self, *, durable: bool = True) -> None:
+    def __init__(self, *, durable: bool = True, cpus: str | None = None) -> None:
         self.bindir = find_bindir()
         self.durable = durable
+        self.cpus = cpus
         self.root = Path(tempfile.mkdtemp(prefix="ticketbooth-pg-"))
         self.as_nobody = os.geteuid() == 0
         if self.as_nobody:
@@ -66,11 +70,17 @@ class PostgresServer:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
                   "-E", "UTF8", "--locale=C", "--no-sync")
 
-    def _run(self, program: str, *args: str, timeout: float = 60) -> str:
+    def _command(self, program: str, *args: str) -> list[str]:
         command = [str(self.bindir / program), *args]
         if self.as_nobody:
             command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                        *command]
+        if self.cpus is not None:
+            command = ["taskset", "-c", self.cpus, *command]
+        return command
+
+    def _run(self, program: str, *args: str, timeout: float = 60) -> str:
+        command = self._command(program, *args)
         result = subprocess.run(command, cwd="/", capture_output=True, text=True,
                                 timeout=timeout, check=False)
         if result.returncode != 0:
@@ -106,10 +116,7 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
 
     def is_running(self) -> bool:
-        command = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"]
-        if self.as_nobody:
-            command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                       *command]
+        command = self._command("pg_ctl", "-D", str(self.data), "status")
         return subprocess.run(command, cwd="/", capture_output=True, timeout=30,
                               check=False).returncode == 0
 

@@ -1,0 +1,498 @@
+"""``make bench`` (``python -m loadtest.bench``): every store against the stack's own ceilings.
+
+In one run, side by side, at the same concurrency (64 connections), it measures
+
+1. a bare WSGI hello and 2. a Flask hello, both served by the service's own waitress
+   settings (``loadtest/bench_hello.py``): the ceilings of the stack and of the framework;
+3. ``POST /buy`` on the memory, SQLite (durable) and PostgreSQL stores, PostgreSQL with one
+   and with two instances;
+4. ``POST /buy`` with a stock of 100 and of 1,000,000;
+5. ``ticketbooth-load`` against the memory store, next to wrk on the same server;
+6. p99 latency at a constant rate of half the memory and SQLite peaks (open loop,
+   ``ticketbooth-load --rate``, latency from each request's intended send time);
+
+plus two report-only rows: memory and SQLite with a fresh ``Idempotency-Key`` on every
+request. Every server runs with the production features on: the default plain access log
+(to a file), Prometheus metrics and idempotency support. All servers are started first and
+stay up; the repetitions are interleaved (repetition 1 of every measurement, then
+repetition 2, ...) so that a noisy neighbour on this shared machine hits every measurement
+alike, and the ratios compare figures taken minutes apart at most. The servers (and
+PostgreSQL) are pinned to one CPU and the load to the other where the machine allows.
+
+It prints a table and every ratio next to its target with PASS or MISS, and writes
+``OUT/bench.json`` (every figure), ``OUT/bench.md`` (the tables in Markdown) and
+``OUT/bench.png``. Exit status: 0 the bench ran (whatever the verdicts: it is a report),
+2 it could not run (usage, wrk or PostgreSQL missing, a server that would not start),
+130 interrupted. Every process it starts is stopped (SIGTERM, bounded waits) on the way
+out, whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from loadtest.bench_load import WRK_THREADS, Run, run_ticketbooth_load, run_wrk, wrk_version
+from loadtest.bench_procs import (
+    BenchError,
+    Pinning,
+    ServerProcess,
+    detect_pinning,
+    filesystem_of,
+)
+from loadtest.bench_report import (
+    Check,
+    CheckSpec,
+    Measured,
+    evaluate,
+    format_markdown,
+    format_text,
+    write_chart,
+)
+
+__all__ = ["CHECKS", "MEASUREMENTS", "SERVERS", "main", "run"]
+
+PROG = "python -m loadtest.bench"
+EXIT_OK, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 2, 130
+
+#: A stock nothing can sell out during a bench.
+BIG_STOCK = 10**12
+#: The p99 limit at half the peak rate.
+P99_LIMIT_MS = 10.0
+#: Measurements a --smoke run makes.
+SMOKE = ("flask-hello", "memory")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A server to start: a hello app (``wsgi``, ``flask``) or the service with a store.
+
+    ``store`` is ``memory``, ``sqlite:NAME`` (a fresh file in the work folder) or
+    ``postgres:N`` (the N-th fresh database in the bench's PostgreSQL server)."""
+
+    kind: str
+    store: str = "memory"
+    tickets: int = BIG_STOCK
+
+
+SERVERS: dict[str, ServerSpec] = {
+    "wsgi-hello": ServerSpec("wsgi"),
+    "flask-hello": ServerSpec("flask"),
+    "memory": ServerSpec("service"),
+    "sqlite": ServerSpec("service", "sqlite:sqlite"),
+    "postgres-1": ServerSpec("service", "postgres:1"),
+    "postgres-2a": ServerSpec("service", "postgres:2"),
+    "postgres-2b": ServerSpec("service", "postgres:2"),
+    "stock-100": ServerSpec("service", tickets=100),
+    "stock-1m": ServerSpec("service", tickets=1_000_000),
+    "memory-keys": ServerSpec("service"),
+    "sqlite-keys": ServerSpec("service", "sqlite:sqlite-keys"),
+}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    title: str
+    servers: tuple[str, ...]
+    tool: str = "wrk"
+    keyed: bool = False
+    #: Open loop at half this measurement's median requests/s (run after every peak).
+    half_peak_of: str | None = None
+    note: str = ""
+
+
+MEASUREMENTS: tuple[Measurement, ...] = (
+    Measurement("wsgi-hello", "bare WSGI hello (waitress)", ("wsgi-hello",)),
+    Measurement("flask-hello", "Flask hello (waitress)", ("flask-hello",)),
+    Measurement("memory", "POST /buy, memory", ("memory",)),
+    Measurement("load-memory", "POST /buy, memory, by ticketbooth-load", ("memory",),
+                tool="ticketbooth-load", note="--booths 64, same server as 'memory'"),
+    Measurement("sqlite", "POST /buy, SQLite (durable)", ("sqlite",)),
+    Measurement("postgres-1", "POST /buy, PostgreSQL, 1 instance", ("postgres-1",)),
+    Measurement("postgres-2", "POST /buy, PostgreSQL, 2 instances",
+                ("postgres-2a", "postgres-2b"), note="32 connections to each instance"),
+    Measurement("stock-100", "POST /buy, memory, stock 100", ("stock-100",),
+                note="its 100 tickets sell in the first milliseconds: then every answer is 409"),
+    Measurement("stock-1m", "POST /buy, memory, stock 1,000,000", ("stock-1m",)),
+    Measurement("memory-keys", "POST /buy, memory, Idempotency-Key", ("memory-keys",),
+                keyed=True, note="a new key on every request"),
+    Measurement("sqlite-keys", "POST /buy, SQLite, Idempotency-Key", ("sqlite-keys",),
+                keyed=True, note="a new key on every request"),
+    Measurement("p99-memory", "POST /buy, memory, half the peak rate", ("memory",),
+                tool="ticketbooth-load", half_peak_of="memory"),
+    Measurement("p99-sqlite", "POST /buy, SQLite, half the peak rate", ("sqlite",),
+                tool="ticketbooth-load", half_peak_of="sqlite"),
+)
+_BY_NAME = {m.name: m for m in MEASUREMENTS}
+
+CHECKS: tuple[CheckSpec, ...] = (
+    CheckSpec("memory-vs-flask", "memory /buy vs Flask hello", "memory", "flask-hello", 0.95),
+    CheckSpec("memory-vs-wsgi", "memory /buy vs bare WSGI hello (distance to the limit)",
+              "memory", "wsgi-hello"),
+    CheckSpec("flask-vs-wsgi", "Flask hello vs bare WSGI hello", "flask-hello", "wsgi-hello"),
+    CheckSpec("sqlite-vs-memory", "SQLite /buy vs memory /buy", "sqlite", "memory", 0.8),
+    CheckSpec("stock-1m-vs-100", "stock 1,000,000 vs stock 100 (sold out)", "stock-1m",
+              "stock-100", 0.95),
+    CheckSpec("stock-big-vs-1m", "stock 10^12 vs stock 1,000,000 (both selling)", "memory",
+              "stock-1m"),
+    CheckSpec("load-vs-wrk", "ticketbooth-load vs wrk, memory /buy", "load-memory", "memory",
+              0.8),
+    CheckSpec("postgres-2-vs-1", "PostgreSQL 2 instances vs 1", "postgres-2", "postgres-1"),
+    CheckSpec("memory-keys-vs-memory", "memory /buy with keys vs without", "memory-keys",
+              "memory"),
+    CheckSpec("sqlite-keys-vs-sqlite", "SQLite /buy with keys vs without", "sqlite-keys",
+              "sqlite"),
+    CheckSpec("p99-memory", "p99 at half the peak, memory", "p99-memory", target=P99_LIMIT_MS),
+    CheckSpec("p99-sqlite", "p99 at half the peak, SQLite", "p99-sqlite", target=P99_LIMIT_MS),
+)
+
+METHOD_NOTES = (
+    "Closed loop: wrk -t2 -c64 (64 connections, each sends its next request when it has its "
+    "answer), POST /buy with no body (one ticket); the hello apps get the same request.",
+    "Figures are medians over the repetitions (requests/s, p50 and p99 each on its own); "
+    "ratios are ratios of medians from this one run. Repetitions are interleaved across "
+    "measurements, after one warm-up run per server.",
+    "Every service runs `ticketbooth serve` with its defaults: 8 waitress threads, the plain "
+    "access log (stderr, to a file in OUT/logs/), Prometheus metrics, idempotency support; "
+    "requests carry no Idempotency-Key except in the *-keys rows.",
+    "stock-100 sells its 100 tickets in the first milliseconds of its warm-up, so what is "
+    "measured is the sold-out answer at a stock of 100 (the store's check under its lock, "
+    "no sale). stock-1m >= 0.95x stock-100 thus says a sale at a stock of a million costs "
+    "at most 5% more than the cheapest answer at a stock of 100; stock 10^12 vs 1,000,000 "
+    "compares sales with sales.",
+    "PostgreSQL is durable (fsync on, synchronous_commit on) and runs on the servers' CPU; "
+    "two instances are two service processes on one database, both on the servers' CPU, "
+    "wrk's two threads each driving 32 connections to one of them.",
+    "p99 at half the peak: ticketbooth-load --rate R --booths 64 (open loop, latency from "
+    "each request's intended send time, so coordinated omission is corrected); Debian has "
+    "no wrk2 package. Its p50/p99 are from its HdrHistogram; wrk's from its own.",
+)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Benchmark ticketbooth against the stack's own ceilings (a bare WSGI "
+                    "hello and a Flask hello on the same waitress settings), every store, "
+                    "two PostgreSQL instances, a small and a large stock, ticketbooth-load "
+                    "against wrk, and p99 at half the peak rate; print each ratio next to "
+                    "its target with PASS or MISS.",
+        epilog="Exit status: 0 the bench ran (MISSes included: it is a report), 2 it could "
+               "not run, 130 interrupted. Measurements: "
+               + ", ".join(m.name for m in MEASUREMENTS) + ".")
+    p.add_argument("--repeat", type=_positive_int, default=3, metavar="N",
+                   help="repetitions of every measurement; the median is reported (default 3)")
+    p.add_argument("--duration", type=_positive_int, default=5, metavar="SECONDS",
+                   help="seconds of load per repetition, whole seconds (default 5)")
+    p.add_argument("--warmup", type=_non_negative_int, default=1, metavar="SECONDS",
+                   help="seconds of unrecorded load on each server before its first "
+                        "repetition (default 1; 0 for none)")
+    p.add_argument("--connections", type=_positive_int, default=64, metavar="N",
+                   help=f"concurrent connections (wrk -c, ticketbooth-load --booths); a "
+                        f"multiple of {WRK_THREADS} (default 64)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
+                   help="folder for bench.json, bench.md, bench.png, the servers' logs "
+                        "(logs/) and scratch files (default bench-results)")
+    p.add_argument("--only", nargs="+", metavar="NAME", choices=[m.name for m in MEASUREMENTS],
+                   help="run only these measurements (a p99-* one brings the peak it needs); "
+                        "ratios missing a side are n/a. Names: "
+                        + ", ".join(m.name for m in MEASUREMENTS))
+    p.add_argument("--smoke", action="store_true",
+                   help="a quick check that the bench works: 1 repetition of 1 s, no "
+                        "warm-up, only " + " and ".join(SMOKE) + " unless --only is given; "
+                        "its figures mean nothing")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin servers and load to separate CPUs with taskset")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.connections % WRK_THREADS:
+        parser.error(f"--connections must be a multiple of {WRK_THREADS} (wrk's threads)")
+    if args.smoke:
+        args.repeat, args.duration, args.warmup = 1, 1, 0
+        args.only = args.only or list(SMOKE)
+    return args
+
+
+def selected_measurements(only: Sequence[str] | None) -> list[Measurement]:
+    """The measurements to make, in table order; a p99 run brings the peak it halves."""
+    if not only:
+        return list(MEASUREMENTS)
+    names = set(only)
+    for name in only:
+        peak = _BY_NAME[name].half_peak_of
+        if peak:
+            names.add(peak)
+    return [m for m in MEASUREMENTS if m.name in names]
+
+
+def _server_command(spec: ServerSpec, work: Path, databases: dict[str, str]) -> list[str]:
+    if spec.kind in ("wsgi", "flask"):
+        return [sys.executable, "-m", "loadtest.bench_hello", spec.kind, "--port", "0"]
+    store = spec.store
+    if store.startswith("sqlite:"):
+        store = f"sqlite:///{work / (store.split(':', 1)[1] + '.db')}"
+    elif store.startswith("postgres:"):
+        store = databases[store]
+    return [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
+            "--store", store, "--tickets", str(spec.tickets), "--access-log", "plain",
+            "--log-level", "info"]
+
+
+def _clean_env() -> None:
+    """Servers get their settings from flags only, so every one runs with the same defaults."""
+    for name in [n for n in os.environ if n.startswith("TICKETBOOTH_")]:
+        del os.environ[name]
+
+
+def _reset(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Bench:
+    """One bench run: servers up, warm-up, interleaved repetitions, report."""
+
+    def __init__(self, args: argparse.Namespace, pinning: Pinning, stack: ExitStack) -> None:
+        self.args = args
+        self.pinning = pinning
+        self.stack = stack
+        self.out: Path = args.out
+        self.logs = _reset(self.out / "logs")
+        self.work = _reset(self.out / "work")
+        stack.callback(shutil.rmtree, self.work, True)
+        self.servers: dict[str, ServerProcess] = {}
+        self.measurements = selected_measurements(args.only)
+        self.measured = {m.name: Measured(m.name, m.title, m.tool, len(m.servers), note=m.note)
+                         for m in self.measurements}
+        self.postgres_version = ""
+
+    # --- servers ----------------------------------------------------------------------
+
+    def _postgres(self, needed: set[str]) -> dict[str, str]:
+        stores = sorted({SERVERS[n].store for n in needed
+                         if SERVERS[n].store.startswith("postgres:")})
+        if not stores:
+            return {}
+        from loadtest.bench_pg import PostgresServer, PostgresUnavailable
+
+        _say("bench: starting PostgreSQL (durable) ...")
+        try:
+            server = PostgresServer(durable=True, cpus=self.pinning.server_cpus)
+            self.stack.callback(server.remove)
+            server.start()
+            self.postgres_version = server.bindir.parent.name
+            return {store: server.new_database() for store in stores}
+        except PostgresUnavailable as exc:
+            raise BenchError(f"PostgreSQL cannot be had: {exc}") from exc
+
+    def start_servers(self) -> None:
+        needed = {s for m in self.measurements for s in m.servers}
+        databases = self._postgres(needed)
+        names = [n for n in SERVERS if n in needed]
+        _say(f"bench: starting {len(names)} servers: {', '.join(names)}")
+        for name in names:
+            command = self.pinning.server(_server_command(SERVERS[name], self.work, databases))
+            proc = ServerProcess(name, command, self.logs)
+            self.stack.callback(proc.stop)
+            proc.start()
+            self.servers[name] = proc
+        for name, proc in self.servers.items():
+            proc.wait_listening()
+            proc.probe("/" if SERVERS[name].kind != "service" else "/healthz")
+
+    def urls(self, m: Measurement) -> list[str]:
+        for name in m.servers:
+            self.servers[name].check_alive()
+        return [self.servers[name].url for name in m.servers]
+
+    # --- load -------------------------------------------------------------------------
+
+    def _load(self, m: Measurement, duration: int, rate: float | None = None) -> Run:
+        urls = self.urls(m)
+        servers = [self.servers[name] for name in m.servers]
+        cpu_before = sum(s.cpu_seconds() for s in servers)
+        if m.tool == "wrk":
+            result = run_wrk(urls, duration=duration, connections=self.args.connections,
+                             pinning=self.pinning, script_dir=self.logs, keyed=m.keyed,
+                             nonce=uuid.uuid4().hex[:12])
+        else:
+            result = run_ticketbooth_load(urls, duration=duration,
+                                          booths=self.args.connections, pinning=self.pinning,
+                                          rate=rate)
+        used = sum(s.cpu_seconds() for s in servers) - cpu_before
+        result.server_cpu = round(used / result.seconds, 3) if result.seconds else None
+        return result
+
+    def warm_up(self) -> None:
+        if not self.args.warmup:
+            return
+        warmed: set[tuple[str, ...]] = set()
+        for m in self.measurements:
+            if m.tool != "wrk" or m.servers in warmed:
+                continue
+            warmed.add(m.servers)
+            _say(f"bench: warm-up {m.name} ({self.args.warmup} s)")
+            self._load(m, self.args.warmup)
+
+    def measure(self) -> None:
+        peaks = [m for m in self.measurements if m.half_peak_of is None]
+        opens = [m for m in self.measurements if m.half_peak_of is not None]
+        repeat = self.args.repeat
+        for rep in range(repeat):
+            shift = rep % len(peaks) if peaks else 0
+            for m in peaks[shift:] + peaks[:shift]:  # a different order each repetition
+                self._record(m, rep, self._load(m, self.args.duration))
+        for rep in range(repeat):
+            for m in opens:
+                assert m.half_peak_of is not None
+                rate = self.measured[m.half_peak_of].rps / 2
+                self._record(m, rep, self._load(m, self.args.duration, rate))
+
+    def _record(self, m: Measurement, rep: int, result: Run) -> None:
+        self.measured[m.name].runs.append(result)
+        extra = f" at {result.rate:,.0f} asked" if result.rate is not None else ""
+        bad = f", {result.non_2xx} not 2xx" if result.non_2xx else ""
+        _say(f"bench: [{rep + 1}/{self.args.repeat}] {m.name:<12} {result.rps:9,.0f} req/s"
+             f"{extra}  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  server CPU "
+             f"{result.server_cpu or 0:.2f}{bad}")
+
+
+def _machine(pinning: Pinning, out: Path, wrk: str) -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "usable_cpus": sorted(os.sched_getaffinity(0)),
+            "pinned": pinning.pinned, "pinning": pinning.note,
+            "server_cpus": pinning.server_cpus, "load_cpus": pinning.load_cpus,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "wrk": wrk, "work_filesystem": filesystem_of(out),
+            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    wrk = wrk_version()
+    _clean_env()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pinning = detect_pinning(not args.no_pin)
+    machine = _machine(pinning, args.out, wrk)
+    _say(f"bench: {pinning.note}; load average {machine['loadavg_before']}")
+    with ExitStack() as stack:
+        bench = Bench(args, pinning, stack)
+        bench.start_servers()
+        bench.warm_up()
+        bench.measure()
+    machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    machine["postgres"] = bench.postgres_version or None
+    measured = [bench.measured[m.name] for m in bench.measurements]
+    checks = evaluate(CHECKS, bench.measured)
+    text = format_text(measured, checks, args.repeat)
+    print(text)
+    print(f"\n{pinning.note}; load average before {machine['loadavg_before']}, after "
+          f"{machine['loadavg_after']}")
+    result = {
+        "version": 1,
+        "started_at": started_at,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "command": " ".join([PROG, *args.argv]),
+        "config": {"repeat": args.repeat, "duration_s": args.duration,
+                   "warmup_s": args.warmup, "connections": args.connections,
+                   "wrk_threads": WRK_THREADS, "smoke": args.smoke,
+                   "only": list(args.only) if args.only else None},
+        "machine": machine,
+        "method": list(METHOD_NOTES),
+        "measurements": [m.as_json() for m in measured],
+        "checks": [c.as_json() for c in checks],
+    }
+    write_results(args.out, result, measured, checks, args.repeat)
+    verdicts = [c.verdict for c in checks]
+    print(f"\nbench: {verdicts.count('PASS')} PASS, {verdicts.count('MISS')} MISS; wrote "
+          f"{args.out / 'bench.json'}, bench.md, bench.png (in {result['elapsed_s']} s)")
+    return EXIT_OK
+
+
+def write_results(out: Path, result: dict[str, Any], measured: Sequence[Measured],
+                  checks: Sequence[Check], repeat: int) -> None:
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / "bench.md").write_text(
+        f"Made by `{result['command']}` on {result['started_at']} "
+        f"({result['machine']['pinning']}).\n\n" + format_markdown(measured, checks, repeat),
+        encoding="utf-8")
+    write_chart(out / "bench.png", measured, checks,
+                f"ticketbooth bench {result['started_at']}: {result['machine']['pinning']}")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the bench described by ``argv``; answers the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_CANNOT_RUN
+    args.argv = argv
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers are stopped too.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _bench(args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    except KeyboardInterrupt:
+        print("bench: interrupted; every server was stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main() -> int:
+    return run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
