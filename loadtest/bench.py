@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import sys
@@ -46,13 +47,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from loadtest.bench_load import WRK_THREADS, Run, run_ticketbooth_load, run_wrk, wrk_version
+from loadtest.bench_load import (
+    WRK_THREADS,
+    NoAnswer,
+    Run,
+    run_ticketbooth_load,
+    run_wrk,
+    wrk_version,
+)
 from loadtest.bench_procs import (
     BenchError,
     Pinning,
     ServerProcess,
+    busy_cpu_seconds,
     detect_pinning,
     filesystem_of,
+    tree_cpu_seconds,
 )
 from loadtest.bench_report import (
     Check,
@@ -73,6 +83,8 @@ EXIT_OK, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 2, 130
 BIG_STOCK = 10**12
 #: The p99 limit at half the peak rate.
 P99_LIMIT_MS = 10.0
+#: Times a run that got no answer at all is redone before the bench gives up.
+MAX_RETRIES = 2
 #: Measurements a --smoke run makes.
 SMOKE = ("flask-hello", "memory")
 
@@ -178,6 +190,10 @@ METHOD_NOTES = (
     "PostgreSQL is durable (fsync on, synchronous_commit on) and runs on the servers' CPU; "
     "two instances are two service processes on one database, both on the servers' CPU, "
     "wrk's two threads each driving 32 connections to one of them.",
+    "service CPU: CPUs the measured service process(es) used during a run (median; 1.00 is "
+    "one CPU all the time; PostgreSQL's own processes are not in it). others' CPU: the most "
+    "CPU that processes outside the bench (other users of this shared machine) took on the "
+    "bench's CPUs in any one repetition, from /proc/stat less the bench's own processes.",
     "p99 at half the peak: ticketbooth-load --rate R --booths 64 (open loop, latency from "
     "each request's intended send time, so coordinated omission is corrected); Debian has "
     "no wrk2 package. Its p50/p99 are from its HdrHistogram; wrk's from its own.",
@@ -309,6 +325,7 @@ class Bench:
         self.measured = {m.name: Measured(m.name, m.title, m.tool, len(m.servers), note=m.note)
                          for m in self.measurements}
         self.postgres_version = ""
+        self.postmaster = 0
 
     # --- servers ----------------------------------------------------------------------
 
@@ -325,6 +342,8 @@ class Bench:
             self.stack.callback(server.remove)
             server.start()
             self.postgres_version = server.bindir.parent.name
+            pid_file = (server.data / "postmaster.pid").read_text().split()
+            self.postmaster = int(pid_file[0]) if pid_file else 0
             return {store: server.new_database() for store in stores}
         except PostgresUnavailable as exc:
             raise BenchError(f"PostgreSQL cannot be had: {exc}") from exc
@@ -351,20 +370,51 @@ class Bench:
 
     # --- load -------------------------------------------------------------------------
 
-    def _load(self, m: Measurement, duration: int, rate: float | None = None) -> Run:
+    def _our_cpu_seconds(self) -> float:
+        """CPU used so far by every server, PostgreSQL, and the load runs that ended."""
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total = children.ru_utime + children.ru_stime
+        total += sum(s.cpu_seconds() for s in self.servers.values())
+        if self.postmaster:
+            total += tree_cpu_seconds(self.postmaster)
+        return total
+
+    def _load(self, m: Measurement, duration: int, rate: float | None = None, *,
+              warm_up: bool = False) -> Run:
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                result = self._load_once(m, duration, rate, warm_up)
+            except NoAnswer as exc:
+                if attempt == MAX_RETRIES:
+                    raise BenchError(f"{exc} ({MAX_RETRIES + 1} tries)") from None
+                _say(f"bench: {exc}: the machine stalled? trying again")
+                continue
+            result.retries = attempt
+            return result
+        raise AssertionError("unreachable")
+
+    def _load_once(self, m: Measurement, duration: int, rate: float | None,
+                   warm_up: bool) -> Run:
         urls = self.urls(m)
         servers = [self.servers[name] for name in m.servers]
-        cpu_before = sum(s.cpu_seconds() for s in servers)
+        cores = self.pinning.cores
+        served_before = sum(s.cpu_seconds() for s in servers)
+        ours_before, busy_before = self._our_cpu_seconds(), busy_cpu_seconds(cores)
+        started = time.monotonic()
         if m.tool == "wrk":
             result = run_wrk(urls, duration=duration, connections=self.args.connections,
                              pinning=self.pinning, script_dir=self.logs, keyed=m.keyed,
-                             nonce=uuid.uuid4().hex[:12])
+                             nonce=uuid.uuid4().hex[:12], allow_empty=warm_up)
         else:
             result = run_ticketbooth_load(urls, duration=duration,
                                           booths=self.args.connections, pinning=self.pinning,
                                           rate=rate)
-        used = sum(s.cpu_seconds() for s in servers) - cpu_before
-        result.server_cpu = round(used / result.seconds, 3) if result.seconds else None
+        wall = time.monotonic() - started
+        served = sum(s.cpu_seconds() for s in servers) - served_before
+        foreign = (busy_cpu_seconds(cores) - busy_before) - (self._our_cpu_seconds()
+                                                              - ours_before)
+        result.server_cpu = round(served / result.seconds, 3) if result.seconds else None
+        result.foreign_cpu = round(max(0.0, foreign / wall), 3) if wall else None
         return result
 
     def warm_up(self) -> None:
@@ -376,7 +426,7 @@ class Bench:
                 continue
             warmed.add(m.servers)
             _say(f"bench: warm-up {m.name} ({self.args.warmup} s)")
-            self._load(m, self.args.warmup)
+            self._load(m, self.args.warmup, warm_up=True)
 
     def measure(self) -> None:
         peaks = [m for m in self.measurements if m.half_peak_of is None]
@@ -398,7 +448,7 @@ class Bench:
         bad = f", {result.non_2xx} not 2xx" if result.non_2xx else ""
         _say(f"bench: [{rep + 1}/{self.args.repeat}] {m.name:<12} {result.rps:9,.0f} req/s"
              f"{extra}  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  server CPU "
-             f"{result.server_cpu or 0:.2f}{bad}")
+             f"{result.server_cpu or 0:.2f}  others' CPU {result.foreign_cpu or 0:.2f}{bad}")
 
 
 def _machine(pinning: Pinning, out: Path, wrk: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from loadtest.bench_procs import BenchError, Pinning
 
-__all__ = ["Run", "run_ticketbooth_load", "run_wrk", "write_wrk_script", "wrk_version"]
+__all__ = ["NoAnswer", "Run", "run_ticketbooth_load", "run_wrk", "write_wrk_script", "wrk_version"]
 
 #: wrk threads: 2, as wrk is usually run; each thread drives connections / 2 connections.
 WRK_THREADS = 2
@@ -74,6 +74,10 @@ end
 """
 
 
+class NoAnswer(BenchError):
+    """A run got no answer at all."""
+
+
 @dataclass
 class Run:
     """One load run: what was sent, how fast, how long it took."""
@@ -98,6 +102,11 @@ class Run:
     #: CPU the service processes used, in CPUs (1.0: one CPU all the time); less than 1 on
     #: a CPU-bound server hints that something else ran on its CPU.
     server_cpu: float | None = None
+    #: CPU others (not the bench, its servers, PostgreSQL or its load) used on the bench's
+    #: CPUs during the run, in CPUs: the noise of this shared machine.
+    foreign_cpu: float | None = None
+    #: Runs redone because they got no answer at all (a stalled machine).
+    retries: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +142,7 @@ def _port(url: str) -> int:
 
 def run_wrk(urls: Sequence[str], *, duration: float, connections: int, pinning: Pinning,
             script_dir: Path, path: str = "/buy", keyed: bool = False,
-            nonce: str = "x") -> Run:
+            nonce: str = "x", allow_empty: bool = False) -> Run:
     """Closed loop: ``connections`` connections, each sending as soon as it has its answer."""
     if connections % WRK_THREADS or (connections // WRK_THREADS) < 1:
         raise BenchError(f"--connections must be a multiple of {WRK_THREADS}")
@@ -156,8 +165,8 @@ def run_wrk(urls: Sequence[str], *, duration: float, connections: int, pinning: 
         raise BenchError(f"wrk failed (exit {done.returncode}): "
                          f"{(done.stderr or done.stdout).strip()[-800:]}")
     data = json.loads(line[len(_RESULT):])
-    if not data["requests"]:
-        raise BenchError(f"wrk got no answer at all from {', '.join(urls)} in {seconds} s")
+    if not data["requests"] and not allow_empty:
+        raise NoAnswer(f"wrk got no answer at all from {', '.join(urls)} in {seconds} s")
     elapsed = data["duration_us"] / 1e6
     errors = {k: int(data[k]) for k in ("connect", "read", "write", "timeout")}
     return Run(tool="wrk", requests=int(data["requests"]), seconds=round(elapsed, 3),

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BenchError", "Pinning", "ServerProcess", "detect_pinning", "filesystem_of"]
+__all__ = ["BenchError", "Pinning", "ServerProcess", "busy_cpu_seconds", "detect_pinning",
+           "filesystem_of", "tree_cpu_seconds"]
 
 #: Seconds a server may take to say it is listening.
 START_TIMEOUT = 30.0
@@ -44,6 +45,13 @@ class Pinning:
     server_cpus: str | None
     load_cpus: str | None
     note: str
+
+    @property
+    def cores(self) -> list[int] | None:
+        """The CPUs the bench uses, or None for all of them (unpinned)."""
+        if self.server_cpus is None or self.load_cpus is None:
+            return None
+        return [int(self.server_cpus), int(self.load_cpus)]
 
     def server(self, command: Sequence[str]) -> list[str]:
         return ["taskset", "-c", self.server_cpus, *command] if self.server_cpus else [*command]
@@ -74,6 +82,48 @@ def detect_pinning(enabled: bool = True) -> Pinning:
     return Pinning(True, server, load,
                    f"servers (and PostgreSQL) pinned to CPU {server}, load generators to "
                    f"CPU {load} (taskset)")
+
+
+def busy_cpu_seconds(cores: Sequence[int] | None) -> float:
+    """Seconds the given CPUs (all when None) have spent running processes, anyone's, or
+    stolen by the hypervisor, since boot: user, nice, system and steal in /proc/stat.
+    Interrupt time is left out: loopback traffic is mostly softirq work that no process is
+    charged for, and it is the bench's own."""
+    busy = 0
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            for line in stat:
+                name, *values = line.split()
+                if not (name.startswith("cpu") and name[3:].isdigit()):
+                    continue
+                if cores is None or int(name[3:]) in cores:
+                    ticks = [int(v) for v in values]
+                    busy += ticks[0] + ticks[1] + ticks[2] + ticks[7]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return busy / _TICKS
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) process ``pid`` has used; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    # After "pid (comm)", fields[0] is field 3 of proc(5): utime is 14, stime 15.
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its children (e.g. PostgreSQL's postmaster and backends)."""
+    total = process_cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as children:
+            kids = [int(c) for c in children.read().split()]
+    except (OSError, ValueError):
+        kids = []
+    return total + sum(process_cpu_seconds(kid) for kid in kids)
 
 
 def filesystem_of(path: Path) -> str:
@@ -148,15 +198,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system, every thread) the server has used so far."""
-        if self.proc is None:
-            return 0.0
-        try:
-            with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        # After "pid (comm)": field 3 is fields[0]; utime and stime are fields 14 and 15.
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        return process_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

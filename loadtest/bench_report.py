@@ -49,6 +49,12 @@ class Measured:
         used = [r.server_cpu for r in self.runs if r.server_cpu is not None]
         return statistics.median(used) if used else None
 
+    @property
+    def foreign_cpu(self) -> float | None:
+        """The most CPU others took from the bench's CPUs in any one repetition."""
+        used = [r.foreign_cpu for r in self.runs if r.foreign_cpu is not None]
+        return max(used) if used else None
+
     def remarks(self) -> str:
         """What else the runs said: non-2xx answers, errors, failed checks, rates."""
         parts = [self.note] if self.note else []
@@ -63,6 +69,9 @@ class Measured:
                 for kind, n in r.errors.items():
                     kinds[kind] = kinds.get(kind, 0) + n
             parts.append("errors: " + ", ".join(f"{k} {n}" for k, n in kinds.items() if n))
+        retries = sum(r.retries for r in self.runs)
+        if retries:
+            parts.append(f"{retries} run(s) redone after getting no answer")
         failed = sorted({c for r in self.runs for c in r.failed_checks})
         if failed:
             parts.append("checks failed: " + ", ".join(failed))
@@ -81,6 +90,7 @@ class Measured:
                 "p50_ms": round(self.p50_ms, 3) if self.runs else None,
                 "p99_ms": round(self.p99_ms, 3) if self.runs else None,
                 "server_cpu": self.server_cpu,
+                "foreign_cpu_max": self.foreign_cpu,
                 "remarks": self.remarks() if self.runs else "",
                 "runs": [r.as_json() for r in self.runs]}
 
@@ -165,16 +175,16 @@ def _measure_rows(measured: Iterable[Measured]) -> list[list[str]]:
         if not m.runs:
             continue
         low, high = min(r.rps for r in m.runs), max(r.rps for r in m.runs)
-        cpu = m.server_cpu
+        cpu, foreign = m.server_cpu, m.foreign_cpu
         rows.append([m.title, m.tool, f"{m.rps:,.0f}", f"{low:,.0f}..{high:,.0f}",
                      f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}", "-" if cpu is None else f"{cpu:.2f}",
-                     m.remarks()])
+                     "-" if foreign is None else f"{foreign:.2f}", m.remarks()])
     return rows
 
 
 def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
     header = ["measurement", "tool", f"req/s (median of {repeat})", "min..max", "p50 ms",
-              "p99 ms", "server CPU", "notes"]
+              "p99 ms", "service CPU", "others' CPU", "notes"]
     lines = _table(header, _measure_rows(measured))
     lines.append("")
     lines += _table(["target", "measured", "target", "verdict"],
@@ -185,7 +195,8 @@ def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: i
 
 def format_markdown(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
     lines = [f"| measurement | tool | requests/s (median of {repeat}) | min..max | p50 ms | "
-             "p99 ms | server CPU | notes |", "|---|---|---:|---:|---:|---:|---:|---|"]
+             "p99 ms | service CPU | others' CPU | notes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _measure_rows(measured)]
     lines += ["", "| ratio or limit | measured | target | verdict |", "|---|---:|---:|---|"]
     lines += [f"| {c.spec.title} | {c.shown_value()} | {c.shown_target()} | {c.verdict} |"
@@ -205,7 +216,8 @@ def write_chart(path: Path, measured: Sequence[Measured], checks: Sequence[Check
 
     peaks = [m for m in measured if m.runs and all(r.rate is None for r in m.runs)]
     opens = [m for m in measured if m.runs and any(r.rate is not None for r in m.runs)]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), width_ratios=[4, 1] if opens else [4, 0.01])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5),
+                             width_ratios=[4, 1] if opens else [4, 0.01])
     ax = axes[0]
     names = [m.name for m in peaks]
     medians = [m.rps for m in peaks]
@@ -240,6 +252,9 @@ def write_chart(path: Path, measured: Sequence[Measured], checks: Sequence[Check
     right = axes[1]
     if opens:
         right.bar([m.name for m in opens], [m.p99_ms for m in opens], color="#55a868")
+        for i, m in enumerate(opens):
+            right.annotate(f"{m.p99_ms:.2f} ms", (i, m.p99_ms), textcoords="offset points",
+                           xytext=(0, 6), ha="center", fontsize=8)
         limits = [c.spec.target for c in checks
                   if c.spec.denominator is None and c.spec.target is not None]
         if limits:
