@@ -7,7 +7,7 @@ ARGS ?=
 # `make run` keeps its tickets in a durable SQLite file under ./data/ (a flag in ARGS wins).
 export TICKETBOOTH_STORE ?= sqlite:///data/tickets.db
 
-.PHONY: run test lint typecheck clean demo container-deps container-test
+.PHONY: run test lint typecheck clean demo browser-deps container-deps container-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,15 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/ticketbooth serve $(ARGS)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not container"
 	$(MAKE) container-test
+
+# The status page's browser test drives Debian's Chromium (never a browser download of a
+# test tool's own). Needs root; installs only when /usr/bin/chromium is missing.
+browser-deps:
+	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # The image, built and run for real with podman (tests/container). Needs root: podman and
 # friends come from Debian's packages when missing; podman's config, storage and the locally
