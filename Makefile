@@ -10,7 +10,8 @@ export TICKETBOOTH_STORE ?= sqlite:///data/tickets.db
 # The tests start a throwaway PostgreSQL server from Debian's server binaries.
 PG_INITDB_GLOB ?= /usr/lib/postgresql/*/bin/initdb
 
-.PHONY: run test lint typecheck clean demo postgres-server container-deps container-test
+.PHONY: run test lint typecheck clean demo postgres-server browser-deps container-deps \
+	container-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +37,15 @@ postgres-server:
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
 	fi
 
-test: $(VENV)/.installed-test postgres-server
+test: $(VENV)/.installed-test postgres-server browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not container"
 	$(MAKE) container-test
+
+# The status page's browser test drives Debian's Chromium (never a browser download of a
+# test tool's own). Needs root; installs only when /usr/bin/chromium is missing.
+browser-deps:
+	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # The image, built and run for real with podman (tests/container). Needs root: podman and
 # friends come from Debian's packages when missing; podman's config, storage and the locally
