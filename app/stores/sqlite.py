@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -31,6 +32,8 @@ from app.inventory import Counts, Receipt, Sale, SoldOut, StoreUnavailable
 from app.stores import StoreSetupError
 
 __all__ = ["SqliteStore", "path_from_url"]
+
+log = logging.getLogger("ticketbooth")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stock (
@@ -60,6 +63,8 @@ _BUSY_TIMEOUT_MS = 5000
 _ORDER_TIMEOUT_S = 30.0
 # How often expired idempotency receipts are deleted.
 _PURGE_EVERY_S = 60.0
+# How often the background checkpointer copies the WAL into the database file.
+_CHECKPOINT_EVERY_S = 0.5
 
 
 def path_from_url(url: str) -> Path:
@@ -123,6 +128,14 @@ class SqliteStore:
         self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer",
                                         daemon=True)
         self._writer.start()
+        # Checkpoints copy the WAL into the database file and fsync it: slow, and not part
+        # of any sale. The writer never does them (wal_autocheckpoint = 0); this thread
+        # does, beside it, in PASSIVE mode, which never blocks the writer.
+        self._writer_db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                              name="sqlite-checkpointer", daemon=True)
+        self._checkpointer.start()
 
     # --- start-up -------------------------------------------------------------------
 
@@ -195,6 +208,10 @@ class SqliteStore:
             self._closed = True
             self._wake.notify()
         self._writer.join(timeout=_ORDER_TIMEOUT_S)  # it commits what is pending first
+        self._stop_checkpoints.set()
+        self._checkpointer.join(timeout=_ORDER_TIMEOUT_S)
+        with contextlib.suppress(sqlite3.Error):  # leave a small WAL behind
+            self._writer_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         with self._lock:
             for connection in [self._writer_db, *self._readers]:
                 connection.close()
@@ -241,6 +258,17 @@ class SqliteStore:
                 return
             self._commit_batch(batch.orders)
             batch.done.set()
+
+    def _checkpoint_loop(self) -> None:
+        db = _connect(self.path)
+        try:
+            while not self._stop_checkpoints.wait(_CHECKPOINT_EVERY_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as error:  # the next turn tries again
+                    log.warning("SQLite checkpoint failed: %s", error)
+        finally:
+            db.close()
 
     def _commit_batch(self, batch: list[_Order]) -> None:
         """Commit ``batch``; every order gets a result, a failure included."""
