@@ -10,8 +10,8 @@ export TICKETBOOTH_STORE ?= sqlite:///data/tickets.db
 # The tests start a throwaway PostgreSQL server from Debian's server binaries.
 PG_INITDB_GLOB ?= /usr/lib/postgresql/*/bin/initdb
 
-.PHONY: run test lint typecheck clean demo postgres-server container-deps container-test \
-	wrk bench
+.PHONY: run test lint typecheck clean demo postgres-server browser-deps container-deps \
+	container-test wrk bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,10 +47,15 @@ wrk:
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk; \
 	fi
 
-test: $(VENV)/.installed-test postgres-server wrk
+test: $(VENV)/.installed-test postgres-server browser-deps wrk
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not container"
 	$(MAKE) container-test
+
+# The status page's browser test drives Debian's Chromium (never a browser download of a
+# test tool's own). Needs root; installs only when /usr/bin/chromium is missing.
+browser-deps:
+	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # The image, built and run for real with podman (tests/container). Needs root: podman and
 # friends come from Debian's packages when missing; podman's config, storage and the locally

@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 
-from app.errors import BadRequest, error_response, json_response
+from app.errors import BadRequest, HttpError, json_response
 from app.inputs import integer_from_json, json_object
 from app.inventory import Store
 from app.telemetry import Telemetry
@@ -25,8 +25,8 @@ MAX_RESTOCK = 10**9
 _REALM = 'Bearer realm="ticketbooth"'
 
 
-def _unauthorized(message: str, challenge: str) -> Response:
-    return error_response(401, "unauthorized", message, {"WWW-Authenticate": challenge})
+def _unauthorized(message: str, challenge: str) -> HttpError:
+    return HttpError(401, "unauthorized", message, [("WWW-Authenticate", challenge)])
 
 
 def register_admin(app: Flask, token: str, store: Store, telemetry: Telemetry) -> None:
@@ -39,11 +39,11 @@ def register_admin(app: Flask, token: str, store: Store, telemetry: Telemetry) -
         def guarded() -> Response:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not given:
-                return _unauthorized("this endpoint needs an Authorization: Bearer token",
-                                     _REALM)
+                raise _unauthorized("this endpoint needs an Authorization: Bearer token",
+                                    _REALM)
             if not hmac.compare_digest(given.strip().encode(), expected):
-                return _unauthorized("the bearer token is not valid",
-                                     f'{_REALM}, error="invalid_token"')
+                raise _unauthorized("the bearer token is not valid",
+                                    f'{_REALM}, error="invalid_token"')
             return view()
 
         return guarded
@@ -51,7 +51,8 @@ def register_admin(app: Flask, token: str, store: Store, telemetry: Telemetry) -
     @app.post("/admin/restock")
     @require_token
     def restock() -> Response:
-        document = json_object(frozenset({"tickets"}))
+        document = json_object(request.get_data(cache=False), request.mimetype,
+                               frozenset({"tickets"}))
         if "tickets" not in document:
             raise BadRequest("invalid_tickets", 'give {"tickets": n} in a JSON body')
         tickets = integer_from_json("tickets", document["tickets"], "invalid_tickets")

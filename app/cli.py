@@ -56,14 +56,9 @@ def _serve(settings: Settings) -> int:
 def _configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    access = logging.StreamHandler(sys.stderr)  # access lines are printed as they are
-    access.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    access_log = logging.getLogger("ticketbooth.access")
-    access_log.handlers[:] = [access]
-    access_log.propagate = False
     # waitress warns on every queued request under load; that is normal here, not news.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 

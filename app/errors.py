@@ -1,4 +1,8 @@
-"""The one place where domain errors and bad input become JSON error responses."""
+"""The one place where domain errors and bad input become JSON error responses.
+
+:func:`error_parts` is the table; Flask's error handler and the hot path
+(:mod:`app.hotpath`) both render from it, so an error looks the same wherever it arises.
+"""
 
 from __future__ import annotations
 
@@ -18,19 +22,32 @@ from app.inventory import (
     TicketboothError,
 )
 
-__all__ = ["BadRequest", "error_response", "json_response", "register_error_handlers"]
+__all__ = ["JSON", "BadRequest", "HttpError", "error_parts", "json_bytes", "json_response",
+           "register_error_handlers"]
 
 log = logging.getLogger("ticketbooth")
 
 JSON = "application/json"
 
+Headers = list[tuple[str, str]]
 
-class BadRequest(Exception):
-    """Input the web layer rejects before it reaches the domain: a 400 with a code."""
+
+class HttpError(Exception):
+    """An answer the web layer gives before the domain is reached (bad input, no token)."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Headers | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.headers = headers or []
+
+
+class BadRequest(HttpError):
+    """Input the web layer rejects: a 400 with a code."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(400, code, message)
 
 
 # Domain error -> (status, error code). Checked in order, so subclasses come first.
@@ -52,50 +69,54 @@ _HTTP_CODES = {
 }
 
 
+def json_bytes(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status, headers, content_type=JSON)
+    return Response(json_bytes(body), status, headers, content_type=JSON)
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                   **extra: Any) -> Response:
-    return json_response({"error": code, "message": message, **extra}, status, headers)
-
-
-def _domain_error(error: TicketboothError) -> Response:
-    mapped = next(((status, code) for kind, status, code in _DOMAIN_STATUS
-                   if isinstance(error, kind)), None)
-    if mapped is None:  # a domain error with no mapping is a bug in this table
-        return _unexpected(error)
-    status, code = mapped
-    headers: dict[str, str] = {}
+def error_parts(error: BaseException) -> tuple[int, Headers, bytes]:
+    """Status, extra headers and JSON body for any error raised while answering."""
+    headers: Headers = []
     extra: dict[str, Any] = {}
-    if isinstance(error, SoldOut):
-        extra["remaining"] = error.remaining
-        if error.replayed:
-            headers["Idempotent-Replayed"] = "true"
-    if isinstance(error, StoreUnavailable):
-        headers["Retry-After"] = "1"
-    return error_response(status, code, str(error), headers, **extra)
+    if isinstance(error, TicketboothError):
+        mapped = next(((status, code) for kind, status, code in _DOMAIN_STATUS
+                       if isinstance(error, kind)), None)
+        if mapped is None:  # a domain error with no mapping is a bug in this table
+            return _unexpected(error)
+        status, code = mapped
+        if isinstance(error, SoldOut):
+            extra["remaining"] = error.remaining
+            if error.replayed:
+                headers.append(("Idempotent-Replayed", "true"))
+        if isinstance(error, StoreUnavailable):
+            headers.append(("Retry-After", "1"))
+        message = str(error)
+    elif isinstance(error, HttpError):
+        status, code, message, headers = error.status, error.code, str(error), list(error.headers)
+    elif isinstance(error, HTTPException):
+        status = error.code or 500
+        headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
+        code = _HTTP_CODES.get(status, error.name.lower().replace(" ", "_"))
+        message = error.description or error.name
+    else:
+        return _unexpected(error)
+    return status, headers, json_bytes({"error": code, "message": message, **extra})
 
 
-def _bad_request(error: BadRequest) -> Response:
-    return error_response(400, error.code, str(error))
-
-
-def _http_error(error: HTTPException) -> Response:
-    status = error.code or 500
-    headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
-    code = _HTTP_CODES.get(status, error.name.lower().replace(" ", "_"))
-    return error_response(status, code, error.description or error.name, headers)
-
-
-def _unexpected(error: BaseException) -> Response:
+def _unexpected(error: BaseException) -> tuple[int, Headers, bytes]:
     log.error("unhandled error", exc_info=error)
-    return error_response(500, "internal_error", "the server hit an unexpected error")
+    return 500, [], json_bytes({"error": "internal_error",
+                                "message": "the server hit an unexpected error"})
+
+
+def _error_response(error: Exception) -> Response:
+    status, headers, body = error_parts(error)
+    return Response(body, status, headers, content_type=JSON)
 
 
 def register_error_handlers(app: Flask) -> None:
-    app.register_error_handler(TicketboothError, _domain_error)
-    app.register_error_handler(BadRequest, _bad_request)
-    app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(Exception, _unexpected)
+    # A handler for Exception also receives Werkzeug's HTTP errors (404, 405, 413, ...).
+    app.register_error_handler(Exception, _error_response)

@@ -1,4 +1,7 @@
-"""Reading request input: JSON bodies and integers, with clear 4xx errors."""
+"""Reading request input: JSON bodies, quantities, idempotency keys, with clear 4xx errors.
+
+Pure functions over plain values, so Flask's views and the hot path read input the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +9,23 @@ import json
 import re
 from typing import Any
 
-from flask import request
 from werkzeug.exceptions import UnsupportedMediaType
 
 from app.errors import BadRequest
 
-__all__ = ["integer_from_json", "integer_from_query", "json_object"]
+__all__ = ["idempotency_key", "integer_from_json", "integer_from_query", "json_object",
+           "requested_quantity"]
 
 _INTEGER = re.compile(r"-?[0-9]{1,30}")
+_KEY_CHARS = re.compile(r"[\x20-\x7e]{1,255}")
+_BUY_FIELDS = frozenset({"quantity"})
 
 
-def json_object(fields: frozenset[str]) -> dict[str, Any]:
-    """The request's JSON object body ({} when there is none), with only ``fields``."""
-    body = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+def json_object(body: bytes, mimetype: str, fields: frozenset[str]) -> dict[str, Any]:
+    """The JSON object in ``body`` ({} when there is none), with only ``fields``."""
     if not body.strip():
         return {}
-    if request.mimetype != "application/json":
+    if mimetype != "application/json":
         raise UnsupportedMediaType("the request body must be application/json")
     try:
         document = json.loads(body)
@@ -46,3 +50,27 @@ def integer_from_query(name: str, text: str, code: str) -> int:
     if not _INTEGER.fullmatch(text):
         raise BadRequest(code, f"{name} must be an integer, got {text!r}")
     return int(text)
+
+
+def requested_quantity(queried: list[str], body: bytes, mimetype: str) -> int:
+    """POST /buy's quantity: from the JSON body or the query string, not both; default 1."""
+    if len(queried) > 1:
+        raise BadRequest("invalid_quantity", "give quantity once")
+    document = json_object(body, mimetype, _BUY_FIELDS)
+    if "quantity" in document:
+        if queried:
+            raise BadRequest("invalid_quantity",
+                             "give quantity in the query or in the body, not both")
+        return integer_from_json("quantity", document["quantity"], "invalid_quantity")
+    if queried:
+        return integer_from_query("quantity", queried[0], "invalid_quantity")
+    return 1
+
+
+def idempotency_key(header: str | None) -> str | None:
+    if header is None:
+        return None
+    if not _KEY_CHARS.fullmatch(header):
+        raise BadRequest("invalid_idempotency_key",
+                         "Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return header

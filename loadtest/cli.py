@@ -60,24 +60,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str, *, allow_zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0: {text!r}")
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        bound = "0 or more" if allow_zero else "above 0"
+        raise argparse.ArgumentTypeError(f"must be a finite number {bound}: {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _finite_float(text, allow_zero=False)
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more: {text!r}")
-    return value
+    return _finite_float(text, allow_zero=True)
 
 
 def _fraction(text: str) -> float:

@@ -119,6 +119,19 @@ def make_store(store_kind: str, tmp_path: Path,
     stores.close_all()
 
 
+def run_threads(target: Callable[..., Any], count: int, *, indexed: bool = True,
+                timeout: float = 120.0) -> None:
+    """Run ``target(i)`` (or ``target()``) in ``count`` threads at once; all must finish."""
+    threads = [threading.Thread(target=target, args=(i,) if indexed else ())
+               for i in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "threads did not finish in time"
+
+
 def wait_until_healthy(url: str, timeout: float = 10.0) -> None:
     """Poll /healthz until it answers 200 (bounded)."""
     deadline = time.monotonic() + timeout

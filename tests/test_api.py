@@ -9,6 +9,10 @@ from typing import Any
 import pytest
 import requests
 
+from app.settings import Settings
+from app.stores import open_store
+from tests.conftest import run_threads, serving
+
 JSON = {"Content-Type": "application/json"}
 
 
@@ -80,12 +84,7 @@ def test_64_clients_sell_exactly_the_stock(live_server: Callable[..., Any]) -> N
                         return
                     serials[index].extend(t["serial"] for t in response.json()["tickets"])
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert not any(thread.is_alive() for thread in threads)
+        run_threads(client, clients)
         after = remaining(url)
 
     sold = [serial for booth in serials for serial in booth]
@@ -167,10 +166,6 @@ MALFORMED = [
 @pytest.fixture(scope="module")
 def one_server() -> Any:
     """One server for the whole malformed-request table (two tickets already sold)."""
-    from app.settings import Settings
-    from app.stores import open_store
-    from tests.conftest import serving
-
     settings = Settings(tickets=100)
     store = open_store(settings)
     with serving(settings, store) as url:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.inventory import SoldOut, Store
-from tests.conftest import Stores
+from tests.conftest import Stores, run_threads
 
 BUYERS = 64
 STOCK = 1000
@@ -44,12 +44,7 @@ def buy_until_sold_out(store: Store, buyers: int) -> list[list[int]]:
                 except SoldOut:
                     return
 
-    threads = [threading.Thread(target=booth, args=(i,)) for i in range(buyers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
+    run_threads(booth, buyers, timeout=60)
     return bought
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import requests
 
+from tests.conftest import run_threads
+
 
 def buy(url: str, key: str, quantity: int = 1) -> requests.Response:
     return requests.post(f"{url}/buy", json={"quantity": quantity},
@@ -54,11 +56,7 @@ def test_concurrent_requests_with_one_key_sell_once(live_server: Callable[..., A
             start.wait()
             answers.append(buy(url, "d-1"))
 
-        threads = [threading.Thread(target=client) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
+        run_threads(client, 2, indexed=False, timeout=30)
         statuses = sorted(answer.status_code for answer in answers)
         assert statuses == [200, 409]
         busy = next(a for a in answers if a.status_code == 409)

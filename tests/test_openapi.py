@@ -14,6 +14,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app.api import create_app
 from app.api import describe_openapi as described_for
+from app.hotpath import ROUTES as HOT_ROUTES
 from app.settings import Settings
 from app.stores import open_store
 from tests.conftest import serving
@@ -32,6 +33,8 @@ def test_every_route_is_described_and_nothing_else() -> None:
     for rule in app.url_map.iter_rules():
         path = rule.rule.replace("<int:serial>", "{serial}")
         routes |= {(path, method.lower()) for method in rule.methods - {"HEAD", "OPTIONS"}}
+    for path, methods in HOT_ROUTES.items():
+        routes |= {(path, method.lower()) for method in methods if method != "HEAD"}
     paths = described()["paths"]
     assert isinstance(paths, dict)
     documented = {(path, method) for path, item in paths.items() for method in item}

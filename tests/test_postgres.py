@@ -27,7 +27,7 @@ import requests
 from app.inventory import SoldOut
 from app.settings import Settings
 from app.stores import StoreSetupError, open_store
-from tests.conftest import FakeClock, postgres, wait_until_healthy
+from tests.conftest import FakeClock, postgres, run_threads, wait_until_healthy
 from tests.pg import PostgresServer, free_port
 
 
@@ -315,12 +315,7 @@ def test_mixed_quantities_over_two_instances_sell_every_serial_once(
                         return
                 failures.append("client did not finish")
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert not any(thread.is_alive() for thread in threads)
+        run_threads(client, clients)
         assert not failures, failures
         sold = sorted(serial for serials in bought for serial in serials)
         assert sold == list(range(1, stock + 1)), "oversold, duplicated or lost"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -14,7 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.telemetry import SalesRate
-from tests.conftest import FakeClock, server_process
+from tests.conftest import FakeClock, run_threads, server_process
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -63,11 +62,7 @@ def test_metrics_are_exact_under_many_threads(live_server: Callable[..., Any]) -
                 for _ in range(each):
                     assert session.post(f"{url}/buy", timeout=30).status_code == 200
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        run_threads(client, clients, indexed=False)
         metrics = scrape(url)
     assert metrics[("ticketbooth_tickets_sold_total", ())] == clients * each
     key = (("endpoint", "/buy"), ("method", "POST"), ("status", "200"))

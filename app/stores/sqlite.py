@@ -1,11 +1,11 @@
 """The durable embedded store: SQLite in WAL mode, every sale fsynced before it is answered.
 
-Group commit: a request thread puts its order in the pending batch, then takes the commit
-lock. Whoever holds the lock either finds its order already committed by the previous
-holder, or commits the whole pending batch itself (its own order and every order that
-arrived meanwhile) in one transaction with one fsync. So while one commit waits on the
-disk, the next batch gathers, and no thread hands work to another. Each answer is given
-only after the commit that holds its sale.
+Group commit: request threads put their orders in the pending batch and wait on that
+batch's event. One writer thread takes the whole pending batch (every order that arrived
+while it was busy), sells it in one transaction with one fsync, and then sets the event,
+waking the batch's threads at once. So while one commit waits on the disk the next batch
+gathers, and a request thread never queues behind a commit that does not hold its order.
+Each answer is given only after the commit that holds its sale.
 
 The commit path is lean: a batch's serials are consecutive and share one time, so a batch
 is one row of ``sales``, and a batch with no idempotency keys is a single INSERT statement
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from app.inventory import Counts, Receipt, Sale, SoldOut, StoreUnavailable
 from app.stores import StoreSetupError
 
 __all__ = ["SqliteStore", "path_from_url"]
+
+log = logging.getLogger("ticketbooth")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stock (
@@ -60,6 +63,8 @@ _BUSY_TIMEOUT_MS = 5000
 _ORDER_TIMEOUT_S = 30.0
 # How often expired idempotency receipts are deleted.
 _PURGE_EVERY_S = 60.0
+# How often the background checkpointer copies the WAL into the database file.
+_CHECKPOINT_EVERY_S = 0.5
 
 
 def path_from_url(url: str) -> Path:
@@ -68,6 +73,12 @@ def path_from_url(url: str) -> Path:
     if not url.startswith(prefix) or len(url) == len(prefix):
         raise StoreSetupError(f"bad SQLite store URL {url!r}: use sqlite:///PATH")
     return Path(url[len(prefix):])
+
+
+@dataclass(slots=True)
+class _Batch:
+    orders: list[_Order] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(slots=True)
@@ -109,11 +120,22 @@ class SqliteStore:
         self._lock_fd, self._writer_db, self._counts = self._open(path, tickets)
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
-        self._lock = threading.Lock()  # guards _pending and _readers; held briefly
-        self._commit_lock = threading.Lock()  # one committer at a time
-        self._pending: list[_Order] = []
+        self._lock = threading.Lock()  # guards _pending, _closed and _readers; held briefly
+        self._wake = threading.Condition(self._lock)  # the writer waits here for orders
+        self._pending = _Batch()
         self._closed = False
         self._next_purge = 0.0
+        self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer",
+                                        daemon=True)
+        self._writer.start()
+        # Checkpoints copy the WAL into the database file and fsync it: slow, and not part
+        # of any sale. The writer never does them (wal_autocheckpoint = 0); this thread
+        # does, beside it, in PASSIVE mode, which never blocks the writer.
+        self._writer_db.execute("PRAGMA wal_autocheckpoint = 0")
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                              name="sqlite-checkpointer", daemon=True)
+        self._checkpointer.start()
 
     # --- start-up -------------------------------------------------------------------
 
@@ -177,15 +199,23 @@ class SqliteStore:
         return datetime.fromtimestamp(row[2], UTC)
 
     def check(self) -> None:
+        if not self._writer.is_alive():
+            raise StoreUnavailable("the SQLite writer has stopped")
         self._read("SELECT 1", ())
 
     def close(self) -> None:
-        with self._commit_lock:  # let a commit under way finish
+        with self._lock:
             self._closed = True
-            with self._lock:
-                for connection in [self._writer_db, *self._readers]:
-                    connection.close()
-            os.close(self._lock_fd)
+            self._wake.notify()
+        self._writer.join(timeout=_ORDER_TIMEOUT_S)  # it commits what is pending first
+        self._stop_checkpoints.set()
+        self._checkpointer.join(timeout=_ORDER_TIMEOUT_S)
+        with contextlib.suppress(sqlite3.Error):  # leave a small WAL behind
+            self._writer_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with self._lock:
+            for connection in [self._writer_db, *self._readers]:
+                connection.close()
+        os.close(self._lock_fd)
 
     # --- reading: one connection per thread (WAL readers never block the writer) ----
 
@@ -204,35 +234,53 @@ class SqliteStore:
 
     def _submit(self, order: _Order) -> Sale | Counts:
         with self._lock:
-            self._pending.append(order)
-        if not self._commit_lock.acquire(timeout=_ORDER_TIMEOUT_S):
+            if self._closed:
+                raise StoreUnavailable("the store is closed")
+            batch = self._pending
+            batch.orders.append(order)
+            if len(batch.orders) == 1:
+                self._wake.notify()
+        if not batch.done.wait(_ORDER_TIMEOUT_S):
             raise StoreUnavailable("the database did not commit in time")
-        try:
-            if order.result is None:  # nobody has committed our order yet: commit the batch
-                with self._lock:
-                    batch, self._pending = self._pending, []
-                self._commit_batch(batch)
-        finally:
-            self._commit_lock.release()
         if isinstance(order.result, Exception):
             raise order.result
         assert order.result is not None
         return order.result
 
-    def _commit_batch(self, batch: list[_Order]) -> None:
-        """Commit ``batch`` (holding the commit lock); every order gets a result."""
-        if self._closed:
-            error: Exception = StoreUnavailable("the store is closed")
-        else:
-            try:
-                self._commit(batch)
+    def _write_loop(self) -> None:
+        """The writer: commit each pending batch as soon as the previous one is done."""
+        while True:
+            with self._lock:
+                while not self._pending.orders and not self._closed:
+                    self._wake.wait()
+                batch, self._pending = self._pending, _Batch()
+            if not batch.orders:  # closed, and nothing left to commit
                 return
-            except sqlite3.Error as failure:
-                self._rollback()
-                error = StoreUnavailable(f"the sale was not recorded: {failure}")
-            except Exception as bug:  # answer every waiting request with it, then go on
-                self._rollback()
-                error = bug
+            self._commit_batch(batch.orders)
+            batch.done.set()
+
+    def _checkpoint_loop(self) -> None:
+        db = _connect(self.path)
+        try:
+            while not self._stop_checkpoints.wait(_CHECKPOINT_EVERY_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as error:  # the next turn tries again
+                    log.warning("SQLite checkpoint failed: %s", error)
+        finally:
+            db.close()
+
+    def _commit_batch(self, batch: list[_Order]) -> None:
+        """Commit ``batch``; every order gets a result, a failure included."""
+        try:
+            self._commit(batch)
+            return
+        except sqlite3.Error as failure:
+            self._rollback()
+            error: Exception = StoreUnavailable(f"the sale was not recorded: {failure}")
+        except Exception as bug:  # answer every waiting request with it, then go on
+            self._rollback()
+            error = bug
         for order in batch:
             order.result = error
 

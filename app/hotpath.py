@@ -1,0 +1,101 @@
+"""The hot endpoints, ``/buy`` and ``/remaining``, served without Flask's per-request work.
+
+Selling is what the booth does all day, and Flask's request machinery (contexts, URL
+matching, signals, response objects) costs more than the sale itself. So these two paths
+are answered by a small WSGI layer in front of the Flask app, which serves everything else.
+They read input with the same functions (:mod:`app.inputs`), call the same domain
+(:class:`~app.inventory.Booth`), and render errors from the same table
+(:func:`app.errors.error_parts`) as the Flask views; every method on these paths is
+answered here (405 with ``Allow`` for the wrong one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs
+
+from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge
+
+from app.errors import JSON, BadRequest, Headers, error_parts, json_bytes
+from app.inputs import idempotency_key, requested_quantity
+from app.inventory import Booth, Sale, Store
+from app.telemetry import Telemetry
+
+__all__ = ["ROUTES", "HotPath"]
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# path -> methods served (OPTIONS is answered too); the OpenAPI route test reads this.
+ROUTES: dict[str, tuple[str, ...]] = {"/buy": ("POST",), "/remaining": ("GET", "HEAD")}
+
+_STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
+_REPLAYED: Headers = [("Idempotent-Replayed", "true")]
+
+
+def _sale_body(sale: Sale) -> bytes:
+    return json_bytes({"tickets": [{"serial": serial} for serial in sale.serials],
+                       "remaining": sale.remaining})
+
+
+class HotPath:
+    def __init__(self, app: WSGIApp, booth: Booth, store: Store, telemetry: Telemetry,
+                 max_body_bytes: int) -> None:
+        self.app = app
+        self.booth = booth
+        self.store = store
+        self.telemetry = telemetry
+        self.max_body_bytes = max_body_bytes
+        self._handlers: dict[str, Callable[[dict[str, Any]], tuple[int, Headers, bytes]]] = {
+            "/buy": self._buy, "/remaining": self._remaining}
+
+    def __call__(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        handler = self._handlers.get(path)
+        if handler is None:
+            return self.app(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "GET")
+        allowed = ROUTES[path]
+        try:
+            if method in allowed:
+                status, headers, body = handler(environ)
+            elif method == "OPTIONS":
+                status, headers, body = 200, [("Allow", ", ".join((*allowed, "OPTIONS")))], b""
+            else:
+                raise MethodNotAllowed(valid_methods=[*allowed, "OPTIONS"])
+        except Exception as error:
+            status, headers, body = error_parts(error)
+        headers.append(("Content-Type", JSON))
+        headers.append(("Content-Length", str(len(body))))
+        start_response(_STATUS_LINES[status], headers)
+        return [b"" if method == "HEAD" else body]
+
+    def _buy(self, environ: dict[str, Any]) -> tuple[int, Headers, bytes]:
+        key = idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
+        query = environ.get("QUERY_STRING")
+        queried = parse_qs(query, keep_blank_values=True).get("quantity", []) if query else []
+        quantity = requested_quantity(queried, self._body(environ),
+                                      environ.get("CONTENT_TYPE", "").split(";")[0].strip()
+                                      .lower())
+        sale = self.booth.buy(quantity, key)
+        if sale.replayed:
+            return 200, list(_REPLAYED), _sale_body(sale)
+        self.telemetry.sold(len(sale.serials))
+        return 200, [], _sale_body(sale)
+
+    def _remaining(self, environ: dict[str, Any]) -> tuple[int, Headers, bytes]:
+        counts = self.store.counts()
+        return 200, [], json_bytes({"remaining": counts.remaining, "sold": counts.sold,
+                                    "total": counts.total})
+
+    def _body(self, environ: dict[str, Any]) -> bytes:
+        text = environ.get("CONTENT_LENGTH") or "0"
+        if not text.isdigit():
+            raise BadRequest("bad_request", "Content-Length must be a number of bytes")
+        length = int(text)
+        if length > self.max_body_bytes:
+            raise RequestEntityTooLarge(
+                f"the request body is over the limit of {self.max_body_bytes} bytes")
+        return environ["wsgi.input"].read(length) if length else b""
