@@ -105,6 +105,8 @@ class Run:
     #: CPU others (not the bench, its servers, PostgreSQL or its load) used on the bench's
     #: CPUs during the run, in CPUs: the noise of this shared machine.
     foreign_cpu: float | None = None
+    #: CPU the load generator used, in CPUs: near 1.0 it was the bottleneck.
+    load_cpu: float | None = None
     #: Runs redone because they got no answer at all (a stalled machine).
     retries: int = 0
 

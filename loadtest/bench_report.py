@@ -19,6 +19,8 @@ __all__ = ["Check", "CheckSpec", "Measured", "evaluate", "format_markdown", "for
            "write_chart"]
 
 PASS, MISS, REPORT, NA = "PASS", "MISS", "report", "n/a"
+#: An open loop that sent less than this share of its rate did not hold it.
+RATE_HELD = 0.95
 
 
 @dataclass
@@ -48,6 +50,20 @@ class Measured:
     def server_cpu(self) -> float | None:
         used = [r.server_cpu for r in self.runs if r.server_cpu is not None]
         return statistics.median(used) if used else None
+
+    @property
+    def load_cpu(self) -> float | None:
+        used = [r.load_cpu for r in self.runs if r.load_cpu is not None]
+        return statistics.median(used) if used else None
+
+    def rate_shortfall(self) -> str:
+        """For an open loop: why it is no measurement when the generator fell behind its
+        rate in any repetition ("" when it kept up)."""
+        for r in self.runs:
+            if r.rate is not None and r.rps < RATE_HELD * r.rate:
+                return (f"the generator could not send {r.rate:,.0f} req/s (it sent "
+                        f"{r.rps:,.0f})")
+        return ""
 
     @property
     def foreign_cpu(self) -> float | None:
@@ -90,6 +106,7 @@ class Measured:
                 "p50_ms": round(self.p50_ms, 3) if self.runs else None,
                 "p99_ms": round(self.p99_ms, 3) if self.runs else None,
                 "server_cpu": self.server_cpu,
+                "load_cpu": self.load_cpu,
                 "foreign_cpu_max": self.foreign_cpu,
                 "remarks": self.remarks() if self.runs else "",
                 "runs": [r.as_json() for r in self.runs]}
@@ -105,6 +122,8 @@ class CheckSpec:
     numerator: str
     denominator: str | None = None
     target: float | None = None
+    #: For a p99: the same open loop against a bare WSGI counter, the generator's own p99.
+    floor: str | None = None
 
 
 @dataclass
@@ -112,6 +131,7 @@ class Check:
     spec: CheckSpec
     value: float | None
     verdict: str
+    note: str = ""
 
     @property
     def unit(self) -> str:
@@ -135,7 +155,7 @@ class Check:
                 "value": None if self.value is None else round(self.value, 4),
                 "target": s.target,
                 "comparison": (">=" if s.denominator else "<") if s.target is not None else None,
-                "verdict": self.verdict}
+                "verdict": self.verdict, "note": self.note}
 
 
 def evaluate(specs: Iterable[CheckSpec], measured: dict[str, Measured]) -> list[Check]:
@@ -147,14 +167,23 @@ def evaluate(specs: Iterable[CheckSpec], measured: dict[str, Measured]) -> list[
                                                                  or not bottom.runs)):
             checks.append(Check(spec, None, NA))
             continue
+        notes = []
         if bottom is not None:
             value = top.rps / bottom.rps if bottom.rps else 0.0
             ok = spec.target is None or value >= spec.target
         else:
             value = top.p99_ms
             ok = spec.target is None or value < spec.target
+            floor = measured.get(spec.floor) if spec.floor else None
+            if floor is not None and floor.runs:
+                notes.append(f"generator floor p99 {floor.p99_ms:.2f} ms at the same rate")
         verdict = REPORT if spec.target is None else (PASS if ok else MISS)
-        checks.append(Check(spec, value, verdict))
+        short = top.rate_shortfall()
+        if short:
+            # The generator fell behind: the latency is its own backlog, not the service's.
+            verdict = NA
+            notes.insert(0, f"not measured: {short}")
+        checks.append(Check(spec, value, verdict, "; ".join(notes)))
     return checks
 
 
@@ -169,38 +198,42 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + [_row(r, widths) for r in rows]
 
 
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _measure_rows(measured: Iterable[Measured]) -> list[list[str]]:
     rows = []
     for m in measured:
         if not m.runs:
             continue
         low, high = min(r.rps for r in m.runs), max(r.rps for r in m.runs)
-        cpu, foreign = m.server_cpu, m.foreign_cpu
         rows.append([m.title, m.tool, f"{m.rps:,.0f}", f"{low:,.0f}..{high:,.0f}",
-                     f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}", "-" if cpu is None else f"{cpu:.2f}",
-                     "-" if foreign is None else f"{foreign:.2f}", m.remarks()])
+                     f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}", _cpu(m.server_cpu),
+                     _cpu(m.load_cpu), _cpu(m.foreign_cpu), m.remarks()])
     return rows
 
 
 def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
     header = ["measurement", "tool", f"req/s (median of {repeat})", "min..max", "p50 ms",
-              "p99 ms", "service CPU", "others' CPU", "notes"]
+              "p99 ms", "service CPU", "load CPU", "others' CPU", "notes"]
     lines = _table(header, _measure_rows(measured))
     lines.append("")
-    lines += _table(["target", "measured", "target", "verdict"],
-                    [[c.spec.title, c.shown_value(), c.shown_target(), c.verdict]
+    lines += _table(["target", "measured", "target", "verdict", "notes"],
+                    [[c.spec.title, c.shown_value(), c.shown_target(), c.verdict, c.note]
                      for c in checks])
     return "\n".join(lines)
 
 
 def format_markdown(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
     lines = [f"| measurement | tool | requests/s (median of {repeat}) | min..max | p50 ms | "
-             "p99 ms | service CPU | others' CPU | notes |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "p99 ms | service CPU | load CPU | others' CPU | notes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _measure_rows(measured)]
-    lines += ["", "| ratio or limit | measured | target | verdict |", "|---|---:|---:|---|"]
-    lines += [f"| {c.spec.title} | {c.shown_value()} | {c.shown_target()} | {c.verdict} |"
-              for c in checks]
+    lines += ["", "| ratio or limit | measured | target | verdict | notes |",
+              "|---|---:|---:|---|---|"]
+    lines += [f"| {c.spec.title} | {c.shown_value()} | {c.shown_target()} | {c.verdict} | "
+              f"{c.note} |" for c in checks]
     return "\n".join(lines) + "\n"
 
 
@@ -251,7 +284,8 @@ def write_chart(path: Path, measured: Sequence[Measured], checks: Sequence[Check
         ax.legend(loc="upper right", fontsize=8)
     right = axes[1]
     if opens:
-        right.bar([m.name for m in opens], [m.p99_ms for m in opens], color="#55a868")
+        right.bar([m.name for m in opens], [m.p99_ms for m in opens],
+                  color=["#999999" if m.name.startswith("floor") else "#55a868" for m in opens])
         for i, m in enumerate(opens):
             right.annotate(f"{m.p99_ms:.2f} ms", (i, m.p99_ms), textcoords="offset points",
                            xytext=(0, 6), ha="center", fontsize=8)
@@ -260,6 +294,8 @@ def write_chart(path: Path, measured: Sequence[Measured], checks: Sequence[Check
         if limits:
             right.axhline(limits[0], color="red", linewidth=2, label=f"limit {limits[0]:g} ms")
             right.legend(fontsize=8)
+        if max(m.p99_ms for m in opens) > 100:
+            right.set_yscale("log")
         right.set_ylabel("p99 ms")
         right.set_title("p99 at half the peak rate")
         right.tick_params(axis="x", labelrotation=35)

@@ -21,9 +21,10 @@ from loadtest.bench_load import Run, write_wrk_script
 from loadtest.bench_report import CheckSpec, Measured, evaluate
 
 RUN_FIELDS = {"tool", "requests", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms",
-              "errors", "non_2xx", "server_cpu"}
+              "errors", "non_2xx", "server_cpu", "load_cpu", "foreign_cpu", "retries"}
 MEASUREMENT_FIELDS = {"name", "title", "tool", "repetitions", "median_rps", "min_rps",
-                      "max_rps", "p50_ms", "p99_ms", "server_cpu", "remarks", "runs"}
+                      "max_rps", "p50_ms", "p99_ms", "server_cpu", "load_cpu", "foreign_cpu_max",
+                      "remarks", "runs"}
 
 
 @pytest.mark.timeout(180)
@@ -94,3 +95,14 @@ def test_wrk_script_spreads_threads_over_ports(tmp_path: Path) -> None:
     assert "local ports = {8001, 8002}" in script
     assert "local keyed = true" in script
     assert "%%" not in script
+
+
+def test_an_open_loop_that_fell_behind_its_rate_is_no_verdict() -> None:
+    held, behind = _measured("held", 990, p99=3.0), _measured("behind", 800, p99=3.0)
+    held.runs[0].rate = behind.runs[0].rate = 1000.0
+    specs = [CheckSpec("held", "p99", "held", target=10.0),
+             CheckSpec("behind", "p99", "behind", target=10.0)]
+    checks = {c.spec.name: c for c in evaluate(specs, {"held": held, "behind": behind})}
+    assert checks["held"].verdict == "PASS"
+    assert checks["behind"].verdict == "n/a"
+    assert "could not send 1,000 req/s" in checks["behind"].note
