@@ -21,6 +21,8 @@ __all__ = ["Check", "CheckSpec", "Measured", "evaluate", "format_markdown", "for
 PASS, MISS, REPORT, NA = "PASS", "MISS", "report", "n/a"
 #: An open loop that sent less than this share of its rate did not hold it.
 RATE_HELD = 0.95
+#: The p99 chart shows at least this much (ms), so that a 10 ms limit is in view.
+P99_AXIS_MS = 12.0
 
 
 @dataclass
@@ -284,11 +286,16 @@ def write_chart(path: Path, measured: Sequence[Measured], checks: Sequence[Check
         ax.legend(loc="upper right", fontsize=8)
     right = axes[1]
     if opens:
-        right.bar([m.name for m in opens], [m.p99_ms for m in opens],
-                  color=["#999999" if m.name.startswith("floor") else "#55a868" for m in opens])
-        for i, m in enumerate(opens):
-            right.annotate(f"{m.p99_ms:.2f} ms", (i, m.p99_ms), textcoords="offset points",
-                           xytext=(0, 6), ha="center", fontsize=8)
+        bars = right.bar([m.name for m in opens], [m.p99_ms for m in opens],
+                         color=["#999999" if m.name.startswith("floor") else "#55a868"
+                                for m in opens])
+        for i, (bar, m) in enumerate(zip(bars, opens, strict=True)):
+            behind = bool(m.rate_shortfall())
+            if behind:  # the generator fell behind: no measurement of the service
+                bar.set_hatch("//")
+                bar.set_alpha(0.5)
+            right.annotate(f"{m.p99_ms:.1f} ms" + (" (n/a)" if behind else ""), (i, m.p99_ms),
+                           textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
         limits = [c.spec.target for c in checks
                   if c.spec.denominator is None and c.spec.target is not None]
         if limits:
@@ -296,6 +303,9 @@ def write_chart(path: Path, measured: Sequence[Measured], checks: Sequence[Check
             right.legend(fontsize=8)
         if max(m.p99_ms for m in opens) > 100:
             right.set_yscale("log")
+            right.set_ylim(top=max(m.p99_ms for m in opens) * 4)
+        else:
+            right.set_ylim(top=max(max(m.p99_ms for m in opens), P99_AXIS_MS) * 1.3)
         right.set_ylabel("p99 ms")
         right.set_title("p99 at half the peak rate")
         right.tick_params(axis="x", labelrotation=35)
