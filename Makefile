@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Extra flags for `make run`, e.g. make run ARGS="--tickets 1000"
 ARGS ?=
-# `make run` keeps its tickets in a durable SQLite file under ./data/ (a flag in ARGS wins).
-export TICKETBOOTH_STORE ?= sqlite:///data/tickets.db
+# `make run` keeps its tickets in a durable SQLite file under ./data/ (TICKETBOOTH_STORE or
+# a --store flag in ARGS wins).
+RUN_STORE := $(or $(TICKETBOOTH_STORE),sqlite:///data/tickets.db)
 
 # The tests start a throwaway PostgreSQL server from Debian's server binaries.
 PG_INITDB_GLOB ?= /usr/lib/postgresql/*/bin/initdb
@@ -26,7 +27,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
-	$(BIN)/ticketbooth serve $(ARGS)
+	TICKETBOOTH_STORE='$(RUN_STORE)' $(BIN)/ticketbooth serve $(ARGS)
 
 # Installs Debian's postgresql package only when no server binaries are there.
 postgres-server:

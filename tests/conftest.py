@@ -18,12 +18,23 @@ import requests
 from app.api import create_app
 from app.inventory import Store
 from app.server import Server
-from app.settings import Settings
+from app.settings import Settings, describe
 from app.stores import open_store
 from tests.pg import PostgresServer, PostgresUnavailable
 
 # Every backend the shared store suite runs against.
 STORE_KINDS = ["memory", "sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_environment() -> Iterator[None]:
+    """The service's TICKETBOOTH_* settings from the caller's shell never reach a test or
+    the servers the tests start; tests set what they need explicitly."""
+    inherited = {variable: os.environ.pop(variable)
+                 for _flag, variable, _default, _help in describe()
+                 if variable in os.environ}
+    yield
+    os.environ.update(inherited)
 
 
 class FakeClock:
