@@ -27,6 +27,8 @@ __all__ = ["NoAnswer", "Run", "run_ticketbooth_load", "run_wrk", "write_wrk_scri
 
 #: wrk threads: 2, as wrk is usually run; each thread drives connections / 2 connections.
 WRK_THREADS = 2
+#: The load CPU counts as full (others then compete with the generator) past this.
+LOAD_CPU_FULL = 0.9
 #: Seconds past its duration a load run may take before it is stopped.
 GRACE_S = 30.0
 _RESULT = "BENCH-RESULT "
@@ -102,16 +104,31 @@ class Run:
     #: CPU the service processes used, in CPUs (1.0: one CPU all the time); less than 1 on
     #: a CPU-bound server hints that something else ran on its CPU.
     server_cpu: float | None = None
-    #: CPU others (not the bench, its servers, PostgreSQL or its load) used on the bench's
-    #: CPUs during the run, in CPUs: the noise of this shared machine.
+    #: CPU others (not the bench, its servers, PostgreSQL or its load) used during the run,
+    #: in CPUs, on the servers' CPU (on every CPU when unpinned): this shared machine's noise.
     foreign_cpu: float | None = None
+    #: The same on the load generator's CPU (None when unpinned).
+    foreign_load_cpu: float | None = None
     #: CPU the load generator used, in CPUs: near 1.0 it was the bottleneck.
     load_cpu: float | None = None
     #: Runs redone because they got no answer at all (a stalled machine).
     retries: int = 0
+    #: Runs redone because others took CPU from the bench's CPUs (the quietest is kept).
+    noisy_redos: int = 0
+
+    @property
+    def noise(self) -> float:
+        """How much others competed with the bench: all of their CPU on the servers' CPU,
+        and on the load's CPU only what left the generator less than it wanted (a
+        neighbour on an otherwise idle load CPU costs wrk nothing)."""
+        noise = self.foreign_cpu or 0.0
+        others, load = self.foreign_load_cpu or 0.0, self.load_cpu or 0.0
+        if others + load > LOAD_CPU_FULL:
+            noise += others
+        return noise
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "noise": round(self.noise, 3)}
 
 
 def wrk_version() -> str:

@@ -85,10 +85,9 @@ def detect_pinning(enabled: bool = True) -> Pinning:
 
 
 def busy_cpu_seconds(cores: Sequence[int] | None) -> float:
-    """Seconds the given CPUs (all when None) have spent running processes, anyone's, or
-    stolen by the hypervisor, since boot: user, nice, system and steal in /proc/stat.
-    Interrupt time is left out: loopback traffic is mostly softirq work that no process is
-    charged for, and it is the bench's own."""
+    """Seconds the given CPUs (all when None) have been busy, for anyone, since boot: user,
+    nice, system, irq, softirq and steal in /proc/stat (a process's system time includes
+    the interrupt work done in its context, e.g. loopback delivery)."""
     busy = 0
     try:
         with open("/proc/stat", encoding="ascii") as stat:
@@ -98,7 +97,7 @@ def busy_cpu_seconds(cores: Sequence[int] | None) -> float:
                     continue
                 if cores is None or int(name[3:]) in cores:
                     ticks = [int(v) for v in values]
-                    busy += ticks[0] + ticks[1] + ticks[2] + ticks[7]
+                    busy += sum(ticks[i] for i in (0, 1, 2, 5, 6, 7))
     except (OSError, ValueError, IndexError):
         return 0.0
     return busy / _TICKS

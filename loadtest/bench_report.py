@@ -35,6 +35,13 @@ class Measured:
     urls: int = 1
     runs: list[Run] = field(default_factory=list)
     note: str = ""
+    #: Others' CPU (in CPUs) past which a run is called noisy.
+    noise_limit: float = 0.1
+
+    @property
+    def noisy(self) -> bool:
+        """Some repetition kept ran while others took more CPU than the noise limit."""
+        return any(r.noise > self.noise_limit for r in self.runs)
 
     @property
     def rps(self) -> float:
@@ -69,9 +76,19 @@ class Measured:
 
     @property
     def foreign_cpu(self) -> float | None:
-        """The most CPU others took from the bench's CPUs in any one repetition."""
+        """The most CPU others took on the servers' CPU in any one repetition."""
         used = [r.foreign_cpu for r in self.runs if r.foreign_cpu is not None]
         return max(used) if used else None
+
+    @property
+    def foreign_load_cpu(self) -> float | None:
+        """The most CPU others took on the load's CPU in any one repetition."""
+        used = [r.foreign_load_cpu for r in self.runs if r.foreign_load_cpu is not None]
+        return max(used) if used else None
+
+    @property
+    def noise(self) -> float:
+        return max((r.noise for r in self.runs), default=0.0)
 
     def remarks(self) -> str:
         """What else the runs said: non-2xx answers, errors, failed checks, rates."""
@@ -87,6 +104,11 @@ class Measured:
                 for kind, n in r.errors.items():
                     kinds[kind] = kinds.get(kind, 0) + n
             parts.append("errors: " + ", ".join(f"{k} {n}" for k, n in kinds.items() if n))
+        if self.noisy:
+            parts.append(f"NOISY: others competed for up to {self.noise:.2f} CPU")
+        redone = sum(r.noisy_redos for r in self.runs)
+        if redone:
+            parts.append(f"{redone} noisy run(s) redone")
         retries = sum(r.retries for r in self.runs)
         if retries:
             parts.append(f"{retries} run(s) redone after getting no answer")
@@ -110,6 +132,9 @@ class Measured:
                 "server_cpu": self.server_cpu,
                 "load_cpu": self.load_cpu,
                 "foreign_cpu_max": self.foreign_cpu,
+                "foreign_load_cpu_max": self.foreign_load_cpu,
+                "noise_max": round(self.noise, 3),
+                "noisy": self.noisy,
                 "remarks": self.remarks() if self.runs else "",
                 "runs": [r.as_json() for r in self.runs]}
 
@@ -204,6 +229,13 @@ def _cpu(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _others(m: Measured) -> str:
+    shown = _cpu(m.foreign_cpu)
+    if m.foreign_load_cpu is not None:
+        shown += "/" + _cpu(m.foreign_load_cpu)
+    return shown
+
+
 def _measure_rows(measured: Iterable[Measured]) -> list[list[str]]:
     rows = []
     for m in measured:
@@ -212,13 +244,13 @@ def _measure_rows(measured: Iterable[Measured]) -> list[list[str]]:
         low, high = min(r.rps for r in m.runs), max(r.rps for r in m.runs)
         rows.append([m.title, m.tool, f"{m.rps:,.0f}", f"{low:,.0f}..{high:,.0f}",
                      f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}", _cpu(m.server_cpu),
-                     _cpu(m.load_cpu), _cpu(m.foreign_cpu), m.remarks()])
+                     _cpu(m.load_cpu), _others(m), m.remarks()])
     return rows
 
 
 def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
     header = ["measurement", "tool", f"req/s (median of {repeat})", "min..max", "p50 ms",
-              "p99 ms", "service CPU", "load CPU", "others' CPU", "notes"]
+              "p99 ms", "service CPU", "load CPU", "others' CPU (server/load)", "notes"]
     lines = _table(header, _measure_rows(measured))
     lines.append("")
     lines += _table(["target", "measured", "target", "verdict", "notes"],
@@ -229,7 +261,7 @@ def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: i
 
 def format_markdown(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
     lines = [f"| measurement | tool | requests/s (median of {repeat}) | min..max | p50 ms | "
-             "p99 ms | service CPU | load CPU | others' CPU | notes |",
+             "p99 ms | service CPU | load CPU | others' CPU (server/load) | notes |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _measure_rows(measured)]
     lines += ["", "| ratio or limit | measured | target | verdict | notes |",

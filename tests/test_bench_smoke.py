@@ -106,3 +106,16 @@ def test_an_open_loop_that_fell_behind_its_rate_is_no_verdict() -> None:
     assert checks["held"].verdict == "PASS"
     assert checks["behind"].verdict == "n/a"
     assert "could not send 1,000 req/s" in checks["behind"].note
+
+
+@pytest.mark.parametrize(("server", "load_core", "load", "noise"), [
+    (0.0, 0.0, 0.2, 0.0),
+    (0.3, 0.0, 0.2, 0.3),  # others on the servers' CPU always count
+    (0.0, 0.6, 0.2, 0.0),  # a neighbour on the load CPU that left wrk all it wanted
+    (0.0, 0.3, 0.9, 0.3),  # ... and one that competed with a busy generator
+])
+def test_noise_counts_others_where_they_competed(server: float, load_core: float, load: float,
+                                                 noise: float) -> None:
+    run = _measured("m", 100).runs[0]
+    run.foreign_cpu, run.foreign_load_cpu, run.load_cpu = server, load_core, load
+    assert run.noise == pytest.approx(noise)
