@@ -59,10 +59,10 @@ from loadtest.bench_procs import (
     BenchError,
     Pinning,
     ServerProcess,
-    busy_cpu_seconds,
     detect_pinning,
     filesystem_of,
     tree_cpu_seconds,
+    user_cpu_seconds,
 )
 from loadtest.bench_report import (
     Check,
@@ -86,7 +86,7 @@ P99_LIMIT_MS = 10.0
 #: Times a run that got no answer at all is redone before the bench gives up.
 MAX_RETRIES = 2
 #: Most noisy runs redone in one bench (about a minute at the default duration).
-NOISE_BUDGET = 12
+NOISE_BUDGET = 8
 #: Measurements a --smoke run makes.
 SMOKE = ("flask-hello", "memory")
 
@@ -205,11 +205,12 @@ METHOD_NOTES = (
     "one CPU all the time; PostgreSQL's own processes are not in it). load CPU: the same for "
     "the load generator. others' CPU (server/load): the most CPU that processes outside the "
     "bench (other users of this shared machine) took on the servers' CPU and on the load's "
-    "CPU in any one repetition: each CPU's busy time in /proc/stat less what the bench's "
-    "own processes used there.",
+    "CPU in any one repetition: each CPU's user time in /proc/stat less the user time of "
+    "the bench's own processes there (kernel time done while a CPU would idle is charged "
+    "to no process, so it is left out on both sides).",
     "A run is noisy when others took more than the noise limit (0.1 CPU by default) on the "
     "servers' CPU, or on the load's CPU while it was full (generator and others above 0.9 "
-    "CPU). A noisy run is redone, at most twice and 12 times per bench, and the quietest "
+    "CPU). A noisy run is redone, at most twice and 8 times per bench, and the quietest "
     "attempt kept: the choice depends on others' CPU, never on the figures. Measurements "
     "still noisy are marked NOISY.",
     "p99 at half the peak: ticketbooth-load --rate R --booths 64 (open loop, latency from "
@@ -343,10 +344,10 @@ def _others(result: Run) -> str:
     return shown
 
 
-def _children_cpu_seconds() -> float:
+def _children_cpu_seconds(*, user_only: bool = False) -> float:
     """CPU used by the bench's children that have ended: its wrk and load runs."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return children.ru_utime + children.ru_stime
+    return children.ru_utime + (0.0 if user_only else children.ru_stime)
 
 
 def _reset(folder: Path) -> Path:
@@ -422,11 +423,11 @@ class Bench:
 
     # --- load -------------------------------------------------------------------------
 
-    def _server_side_cpu_seconds(self) -> float:
-        """CPU used so far by every server (idle ones too) and PostgreSQL."""
-        total = sum(s.cpu_seconds() for s in self.servers.values())
+    def _server_side_user_seconds(self) -> float:
+        """User CPU used so far by every server (idle ones too) and PostgreSQL."""
+        total = sum(s.cpu_seconds(user_only=True) for s in self.servers.values())
         if self.postmaster:
-            total += tree_cpu_seconds(self.postmaster)
+            total += tree_cpu_seconds(self.postmaster, user_only=True)
         return total
 
     def _load(self, m: Measurement, duration: int, rate: float | None = None, *,
@@ -469,9 +470,11 @@ class Bench:
         servers = [self.servers[name] for name in m.servers]
         cores = self.pinning.cores
         served_before = sum(s.cpu_seconds() for s in servers)
-        side_before, load_before = self._server_side_cpu_seconds(), _children_cpu_seconds()
-        busy_before = ([busy_cpu_seconds([c]) for c in cores] if cores
-                       else [busy_cpu_seconds(None)])
+        load_before = _children_cpu_seconds()
+        side_before = self._server_side_user_seconds()
+        load_user_before = _children_cpu_seconds(user_only=True)
+        user_before = ([user_cpu_seconds([c]) for c in cores] if cores
+                       else [user_cpu_seconds(None)])
         started = time.monotonic()
         if m.tool == "wrk":
             result = run_wrk(urls, duration=duration, connections=self.args.connections,
@@ -482,21 +485,23 @@ class Bench:
                                           booths=self.args.connections, pinning=self.pinning,
                                           rate=rate)
         wall = time.monotonic() - started
-        busy = [after - before for after, before in zip(
-            [busy_cpu_seconds([c]) for c in cores] if cores else [busy_cpu_seconds(None)],
-            busy_before, strict=True)]
+        user = [after - before for after, before in zip(
+            [user_cpu_seconds([c]) for c in cores] if cores else [user_cpu_seconds(None)],
+            user_before, strict=True)]
         served = sum(s.cpu_seconds() for s in servers) - served_before
-        side = self._server_side_cpu_seconds() - side_before
         loaded = _children_cpu_seconds() - load_before
+        side = self._server_side_user_seconds() - side_before
+        load_user = _children_cpu_seconds(user_only=True) - load_user_before
         if not wall:
             return result
         result.server_cpu = round(served / result.seconds, 3) if result.seconds else None
         result.load_cpu = round(loaded / wall, 3)
+        # Others' user CPU: the CPU's user time less the bench's own processes' there.
         if cores:  # servers and PostgreSQL on the first CPU, the load on the second
-            result.foreign_cpu = round(max(0.0, (busy[0] - side) / wall), 3)
-            result.foreign_load_cpu = round(max(0.0, (busy[1] - loaded) / wall), 3)
+            result.foreign_cpu = round(max(0.0, (user[0] - side) / wall), 3)
+            result.foreign_load_cpu = round(max(0.0, (user[1] - load_user) / wall), 3)
         else:
-            result.foreign_cpu = round(max(0.0, (busy[0] - side - loaded) / wall), 3)
+            result.foreign_cpu = round(max(0.0, (user[0] - side - load_user) / wall), 3)
         return result
 
     def warm_up(self) -> None:

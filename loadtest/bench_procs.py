@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BenchError", "Pinning", "ServerProcess", "busy_cpu_seconds", "detect_pinning",
-           "filesystem_of", "tree_cpu_seconds"]
+__all__ = ["BenchError", "Pinning", "ServerProcess", "detect_pinning", "filesystem_of",
+           "process_cpu_seconds", "tree_cpu_seconds", "user_cpu_seconds"]
 
 #: Seconds a server may take to say it is listening.
 START_TIMEOUT = 30.0
@@ -84,11 +84,15 @@ def detect_pinning(enabled: bool = True) -> Pinning:
                    f"CPU {load} (taskset)")
 
 
-def busy_cpu_seconds(cores: Sequence[int] | None) -> float:
-    """Seconds the given CPUs (all when None) have been busy, for anyone, since boot: user,
-    nice, system, irq, softirq and steal in /proc/stat (a process's system time includes
-    the interrupt work done in its context, e.g. loopback delivery)."""
-    busy = 0
+def user_cpu_seconds(cores: Sequence[int] | None) -> float:
+    """Seconds the given CPUs (all when None) have run user code, anyone's, or were stolen
+    by the hypervisor, since boot: user, nice and steal in /proc/stat.
+
+    Only user time is compared with the bench's own (see :func:`process_cpu_seconds`):
+    kernel work done while a CPU would otherwise idle (interrupts, wake-ups, loopback
+    delivery) is charged to no process, and would look like a neighbour when the server's
+    CPU is not full. What other users of the machine run (tests, builds) is user code."""
+    user = 0
     try:
         with open("/proc/stat", encoding="ascii") as stat:
             for line in stat:
@@ -97,32 +101,33 @@ def busy_cpu_seconds(cores: Sequence[int] | None) -> float:
                     continue
                 if cores is None or int(name[3:]) in cores:
                     ticks = [int(v) for v in values]
-                    busy += sum(ticks[i] for i in (0, 1, 2, 5, 6, 7))
+                    user += ticks[0] + ticks[1] + ticks[7]
     except (OSError, ValueError, IndexError):
         return 0.0
-    return busy / _TICKS
+    return user / _TICKS
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, every thread) process ``pid`` has used; 0 if it is gone."""
+def process_cpu_seconds(pid: int, *, user_only: bool = False) -> float:
+    """CPU time (user + system, or user only; every thread) process ``pid`` has used; 0 if
+    it is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
     # After "pid (comm)", fields[0] is field 3 of proc(5): utime is 14, stime 15.
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return (int(fields[11]) + (0 if user_only else int(fields[12]))) / _TICKS
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def tree_cpu_seconds(pid: int, *, user_only: bool = False) -> float:
     """CPU time of ``pid`` and its children (e.g. PostgreSQL's postmaster and backends)."""
-    total = process_cpu_seconds(pid)
+    total = process_cpu_seconds(pid, user_only=user_only)
     try:
         with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as children:
             kids = [int(c) for c in children.read().split()]
     except (OSError, ValueError):
         kids = []
-    return total + sum(process_cpu_seconds(kid) for kid in kids)
+    return total + sum(process_cpu_seconds(kid, user_only=user_only) for kid in kids)
 
 
 def filesystem_of(path: Path) -> str:
@@ -195,9 +200,11 @@ class ServerProcess:
             raise BenchError(f"{self.name} does not answer GET {url}: {exc}; its log "
                              f"ends:\n{self.log_tail()}") from exc
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system, every thread) the server has used so far."""
-        return process_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
+    def cpu_seconds(self, *, user_only: bool = False) -> float:
+        """CPU time (user + system, or user only; every thread) the server has used."""
+        if self.proc is None:
+            return 0.0
+        return process_cpu_seconds(self.proc.pid, user_only=user_only)
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
