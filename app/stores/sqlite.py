@@ -1,11 +1,11 @@
 """The durable embedded store: SQLite in WAL mode, every sale fsynced before it is answered.
 
-Group commit: request threads put their orders in the pending batch and wait on that
-batch's event. One writer thread takes the whole pending batch (every order that arrived
-while it was busy), sells it in one transaction with one fsync, and then sets the event,
-waking the batch's threads at once. So while one commit waits on the disk the next batch
-gathers, and a request thread never queues behind a commit that does not hold its order.
-Each answer is given only after the commit that holds its sale.
+Group commit: request threads put their orders in the pending batch and wait for them. One
+writer thread takes the whole pending batch (every order that arrived while it was busy),
+sells it in one transaction with one fsync, and then wakes each order's thread. So while one
+commit waits on the disk the next batch gathers, and a request thread never queues behind a
+commit that does not hold its order. Each answer is given only after the commit that holds
+its sale.
 
 The commit path is lean: a batch's serials are consecutive and share one time, so a batch
 is one row of ``sales``, and a batch with no idempotency keys is a single INSERT statement
@@ -75,10 +75,10 @@ def path_from_url(url: str) -> Path:
     return Path(url[len(prefix):])
 
 
-@dataclass(slots=True)
-class _Batch:
-    orders: list[_Order] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 @dataclass(slots=True)
@@ -87,6 +87,9 @@ class _Order:
     key: str | None = None
     restock: bool = False
     result: Sale | Counts | Exception | None = None
+    # Held until the order's result is set: the cheapest wake-up there is (one futex), and
+    # no lock shared with the rest of the batch.
+    done: threading.Lock = field(default_factory=_held_lock)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -122,7 +125,7 @@ class SqliteStore:
         self._local = threading.local()
         self._lock = threading.Lock()  # guards _pending, _closed and _readers; held briefly
         self._wake = threading.Condition(self._lock)  # the writer waits here for orders
-        self._pending = _Batch()
+        self._pending: list[_Order] = []
         self._closed = False
         self._next_purge = 0.0
         self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer",
@@ -236,11 +239,10 @@ class SqliteStore:
         with self._lock:
             if self._closed:
                 raise StoreUnavailable("the store is closed")
-            batch = self._pending
-            batch.orders.append(order)
-            if len(batch.orders) == 1:
+            self._pending.append(order)
+            if len(self._pending) == 1:
                 self._wake.notify()
-        if not batch.done.wait(_ORDER_TIMEOUT_S):
+        if not order.done.acquire(timeout=_ORDER_TIMEOUT_S):
             raise StoreUnavailable("the database did not commit in time")
         if isinstance(order.result, Exception):
             raise order.result
@@ -251,13 +253,14 @@ class SqliteStore:
         """The writer: commit each pending batch as soon as the previous one is done."""
         while True:
             with self._lock:
-                while not self._pending.orders and not self._closed:
+                while not self._pending and not self._closed:
                     self._wake.wait()
-                batch, self._pending = self._pending, _Batch()
-            if not batch.orders:  # closed, and nothing left to commit
+                batch, self._pending = self._pending, []
+            if not batch:  # closed, and nothing left to commit
                 return
-            self._commit_batch(batch.orders)
-            batch.done.set()
+            self._commit_batch(batch)
+            for order in batch:
+                order.done.release()
 
     def _checkpoint_loop(self) -> None:
         db = _connect(self.path)
