@@ -9,7 +9,8 @@ In one run, side by side, at the same concurrency (64 connections), it measures
 4. ``POST /buy`` with a stock of 100 and of 1,000,000;
 5. ``ticketbooth-load`` against the memory store, next to wrk on the same server;
 6. p99 latency at a constant rate of half the memory and SQLite peaks (open loop,
-   ``ticketbooth-load --rate``, latency from each request's intended send time);
+   ``ticketbooth-load --rate``, latency from each request's intended send time), next to
+   the same open loop against a bare WSGI counter: the generator's own floor;
 
 plus two report-only rows: memory and SQLite with a fresh ``Idempotency-Key`` on every
 request. Every server runs with the production features on: the default plain access log
@@ -18,6 +19,9 @@ stay up; the repetitions are interleaved (repetition 1 of every measurement, the
 repetition 2, ...) so that a noisy neighbour on this shared machine hits every measurement
 alike, and the ratios compare figures taken minutes apart at most. The servers (and
 PostgreSQL) are pinned to one CPU and the load to the other where the machine allows.
+Each run also records the CPU the service and the load used, and the CPU other users of
+the machine took on the bench's CPUs; a run they disturbed is redone (bounded), and a
+measurement still disturbed is marked NOISY.
 
 It prints a table and every ratio next to its target with PASS or MISS, and writes
 ``OUT/bench.json`` (every figure), ``OUT/bench.md`` (the tables in Markdown) and
@@ -85,7 +89,7 @@ BIG_STOCK = 10**12
 P99_LIMIT_MS = 10.0
 #: Times a run that got no answer at all is redone before the bench gives up.
 MAX_RETRIES = 2
-#: Most noisy runs redone in one bench (about a minute at the default duration).
+#: Extra runs that may replace noisy ones in one bench (under a minute at 5 s each).
 NOISE_BUDGET = 8
 #: Measurements a --smoke run makes.
 SMOKE = ("flask-hello", "memory")
@@ -210,9 +214,10 @@ METHOD_NOTES = (
     "to no process, so it is left out on both sides).",
     "A run is noisy when others took more than the noise limit (0.1 CPU by default) on the "
     "servers' CPU, or on the load's CPU while it was full (generator and others above 0.9 "
-    "CPU). A noisy run is redone, at most twice and 8 times per bench, and the quietest "
-    "attempt kept: the choice depends on others' CPU, never on the figures. Measurements "
-    "still noisy are marked NOISY.",
+    "CPU). After the repetitions, each measurement with a noisy run gets one more run, "
+    "round after round, up to 8 extra runs per bench, and keeps its quietest runs (by "
+    "others' CPU, never by the figures; the others are listed as discarded in the JSON). "
+    "Measurements still noisy are marked NOISY.",
     "p99 at half the peak: ticketbooth-load --rate R --booths 64 (open loop, latency from "
     "each request's intended send time, so coordinated omission is corrected); Debian has "
     "no wrk2 package. Its p50/p99 are from its HdrHistogram; wrk's from its own. The same "
@@ -277,19 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for bench.json, bench.md, bench.png, the servers' logs "
                         "(logs/) and scratch files (default bench-results)")
     p.add_argument("--only", nargs="+", metavar="NAME", choices=[m.name for m in MEASUREMENTS],
-                   help="run only these measurements (a p99-* one brings the peak it needs); "
+                   help="run only these measurements (a p99-* or floor-* one brings the "
+                        "peak whose half is its rate); "
                         "ratios missing a side are n/a. Names: "
                         + ", ".join(m.name for m in MEASUREMENTS))
     p.add_argument("--smoke", action="store_true",
                    help="a quick check that the bench works: 1 repetition of 1 s, no "
-                        "warm-up, only " + " and ".join(SMOKE) + " unless --only is given; "
-                        "its figures mean nothing")
+                        "warm-up, no extra runs, only " + " and ".join(SMOKE)
+                        + " unless --only is given; its figures mean nothing")
     p.add_argument("--noise-limit", type=_non_negative_float, default=0.1, metavar="CPUS",
                    help="a run during which other processes (not the bench's) took more than "
                         "this much CPU of the bench's CPUs is noisy (default 0.1)")
-    p.add_argument("--noise-redos", type=_non_negative_int, default=2, metavar="N",
-                   help=f"redo a noisy run up to N times and keep the quietest (default 2; "
-                        f"at most {NOISE_BUDGET} redos in a bench; 0: never)")
+    p.add_argument("--noise-redos", type=_non_negative_int, default=NOISE_BUDGET,
+                   metavar="N",
+                   help="extra runs the bench may make, after the repetitions, of measurements "
+                        "with a noisy run; each keeps its --repeat quietest runs (default "
+                        f"{NOISE_BUDGET}; 0: never)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin servers and load to separate CPUs with taskset")
     return p
@@ -301,7 +309,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.connections % WRK_THREADS:
         parser.error(f"--connections must be a multiple of {WRK_THREADS} (wrk's threads)")
     if args.smoke:
-        args.repeat, args.duration, args.warmup = 1, 1, 0
+        args.repeat, args.duration, args.warmup, args.noise_redos = 1, 1, 0, 0
         args.only = args.only or list(SMOKE)
     return args
 
@@ -378,7 +386,7 @@ class Bench:
                          for m in self.measurements}
         self.postgres_version = ""
         self.postmaster = 0
-        self.noise_budget = NOISE_BUDGET
+        self.noise_budget: int = args.noise_redos
 
     # --- servers ----------------------------------------------------------------------
 
@@ -432,23 +440,7 @@ class Bench:
 
     def _load(self, m: Measurement, duration: int, rate: float | None = None, *,
               warm_up: bool = False) -> Run:
-        """One run; redone (the quietest kept) while others took more than --noise-limit
-        CPU from the bench's CPUs, at most --noise-redos times, within the bench's budget."""
-        best: Run | None = None
-        for redo in range(self.args.noise_redos + 1):
-            result = self._answered(m, duration, rate, warm_up)
-            result.noisy_redos = redo
-            if best is None or result.noise < best.noise:
-                best = result
-            if warm_up or result.noise <= self.args.noise_limit:
-                break
-            if redo == self.args.noise_redos or self.noise_budget <= 0:
-                break
-            self.noise_budget -= 1
-            _say(f"bench: {m.name}: others competed for {result.noise:.2f} CPU during the "
-                 f"run (server/load CPU: {_others(result)}): doing it again")
-        assert best is not None
-        return best
+        return self._answered(m, duration, rate, warm_up)
 
     def _answered(self, m: Measurement, duration: int, rate: float | None,
                   warm_up: bool) -> Run:
@@ -516,24 +508,45 @@ class Bench:
             self._load(replace(m, tool="wrk"), self.args.warmup, warm_up=True)
 
     def measure(self) -> None:
+        """Every repetition of every closed loop, interleaved; then the open loops, whose
+        rates come from the closed loops' medians. After each phase, noisy runs are
+        replaced (see :meth:`_quiet_up`)."""
         peaks = [m for m in self.measurements if m.half_peak_of is None]
         opens = [m for m in self.measurements if m.half_peak_of is not None]
-        repeat = self.args.repeat
-        for rep in range(repeat):
-            shift = rep % len(peaks) if peaks else 0
-            for m in peaks[shift:] + peaks[:shift]:  # a different order each repetition
-                self._record(m, rep, self._load(m, self.args.duration))
-        for rep in range(repeat):
-            for m in opens:
-                assert m.half_peak_of is not None
-                rate = self.measured[m.half_peak_of].rps / 2
-                self._record(m, rep, self._load(m, self.args.duration, rate))
+        for phase in (peaks, opens):
+            for rep in range(self.args.repeat):
+                shift = rep % len(phase) if phase else 0
+                for m in phase[shift:] + phase[:shift]:  # another order each repetition
+                    self._record(m, f"{rep + 1}/{self.args.repeat}",
+                                 self._load(m, self.args.duration, self._rate(m)))
+            self._quiet_up(phase)
 
-    def _record(self, m: Measurement, rep: int, result: Run) -> None:
-        self.measured[m.name].runs.append(result)
+    def _rate(self, m: Measurement) -> float | None:
+        return self.measured[m.half_peak_of].rps / 2 if m.half_peak_of else None
+
+    def _quiet_up(self, phase: Sequence[Measurement]) -> None:
+        """Others' bursts on this shared machine last a while: rather than redo a noisy run
+        at once, run one more repetition of each noisy measurement after the phase, while
+        the bench's budget of extra runs (--noise-redos) lasts, and keep the --repeat
+        quietest runs. Which runs are kept depends on others' CPU only, never on the
+        figures."""
+        for _round in range(self.args.noise_redos):
+            noisy = [m for m in phase if self.measured[m.name].noisy]
+            if not noisy or self.noise_budget <= 0:
+                return
+            for m in noisy:
+                if self.noise_budget <= 0:
+                    return
+                self.noise_budget -= 1
+                _say(f"bench: {m.name} was noisy (others competed for "
+                     f"{self.measured[m.name].noise:.2f} CPU): one more run")
+                self._record(m, "extra", self._load(m, self.args.duration, self._rate(m)))
+
+    def _record(self, m: Measurement, rep: str, result: Run) -> None:
+        self.measured[m.name].offer(result, self.args.repeat)
         extra = f" at {result.rate:,.0f} asked" if result.rate is not None else ""
         bad = f", {result.non_2xx} not 2xx" if result.non_2xx else ""
-        _say(f"bench: [{rep + 1}/{self.args.repeat}] {m.name:<12} {result.rps:9,.0f} req/s"
+        _say(f"bench: [{rep}] {m.name:<12} {result.rps:9,.0f} req/s"
              f"{extra}  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  server CPU "
              f"{result.server_cpu or 0:.2f}  others' CPU {_others(result)}{bad}")
 
@@ -572,7 +585,7 @@ def _bench(args: argparse.Namespace) -> int:
           f"{machine['loadavg_after']}")
     if noisy:
         print(f"NOISY: other processes took more than {args.noise_limit:g} CPU of the bench's "
-              f"CPUs during runs of {', '.join(noisy)}, even after redoing them: those "
+              f"CPUs during runs of {', '.join(noisy)}, even after the extra runs: those "
               "figures and their ratios are not reliable; run again when the machine is "
               "quieter.")
     result = {

@@ -113,8 +113,6 @@ class Run:
     load_cpu: float | None = None
     #: Runs redone because they got no answer at all (a stalled machine).
     retries: int = 0
-    #: Runs redone because others took CPU from the bench's CPUs (the quietest is kept).
-    noisy_redos: int = 0
 
     @property
     def noise(self) -> float:

@@ -35,8 +35,18 @@ class Measured:
     urls: int = 1
     runs: list[Run] = field(default_factory=list)
     note: str = ""
+    #: Runs replaced by quieter ones (see :meth:`offer`).
+    discarded: list[Run] = field(default_factory=list)
     #: Others' CPU (in CPUs) past which a run is called noisy.
     noise_limit: float = 0.1
+
+    def offer(self, run: Run, keep: int) -> None:
+        """Add a run; past ``keep`` runs, the noisiest (the latest of equals) is discarded.
+        Only others' CPU decides, never the figures."""
+        self.runs.append(run)
+        if len(self.runs) > keep:
+            worst = max(range(len(self.runs)), key=lambda i: (self.runs[i].noise, i))
+            self.discarded.append(self.runs.pop(worst))
 
     @property
     def noisy(self) -> bool:
@@ -106,9 +116,8 @@ class Measured:
             parts.append("errors: " + ", ".join(f"{k} {n}" for k, n in kinds.items() if n))
         if self.noisy:
             parts.append(f"NOISY: others competed for up to {self.noise:.2f} CPU")
-        redone = sum(r.noisy_redos for r in self.runs)
-        if redone:
-            parts.append(f"{redone} noisy run(s) redone")
+        if self.discarded:
+            parts.append(f"{len(self.discarded)} noisier run(s) replaced")
         retries = sum(r.retries for r in self.runs)
         if retries:
             parts.append(f"{retries} run(s) redone after getting no answer")
@@ -136,7 +145,8 @@ class Measured:
                 "noise_max": round(self.noise, 3),
                 "noisy": self.noisy,
                 "remarks": self.remarks() if self.runs else "",
-                "runs": [r.as_json() for r in self.runs]}
+                "runs": [r.as_json() for r in self.runs],
+                "discarded_runs": [r.as_json() for r in self.discarded]}
 
 
 @dataclass(frozen=True)

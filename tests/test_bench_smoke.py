@@ -24,7 +24,7 @@ RUN_FIELDS = {"tool", "requests", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms"
               "errors", "non_2xx", "server_cpu", "load_cpu", "foreign_cpu", "retries"}
 MEASUREMENT_FIELDS = {"name", "title", "tool", "repetitions", "median_rps", "min_rps",
                       "max_rps", "p50_ms", "p99_ms", "server_cpu", "load_cpu", "foreign_cpu_max",
-                      "remarks", "runs"}
+                      "noisy", "remarks", "runs", "discarded_runs"}
 
 
 @pytest.mark.timeout(180)
@@ -116,6 +116,22 @@ def test_an_open_loop_that_fell_behind_its_rate_is_no_verdict() -> None:
 ])
 def test_noise_counts_others_where_they_competed(server: float, load_core: float, load: float,
                                                  noise: float) -> None:
-    run = _measured("m", 100).runs[0]
-    run.foreign_cpu, run.foreign_load_cpu, run.load_cpu = server, load_core, load
-    assert run.noise == pytest.approx(noise)
+    one = _measured("m", 100).runs[0]
+    one.foreign_cpu, one.foreign_load_cpu, one.load_cpu = server, load_core, load
+    assert one.noise == pytest.approx(noise)
+
+
+def test_the_noisiest_runs_are_replaced_whatever_their_figures() -> None:
+    m = _measured("m", 100, 200, 300)
+    for one, noise in zip(m.runs, (0.0, 0.5, 0.0), strict=True):
+        one.foreign_cpu = noise
+    quiet = _measured("q", 10).runs[0]
+    quiet.foreign_cpu = 0.05
+    m.offer(quiet, keep=3)
+    assert [r.rps for r in m.runs] == [100, 300, 10]  # the noisy 200 goes, though it is mid
+    assert [r.rps for r in m.discarded] == [200]
+    assert m.noisy is False  # 0.05 is under the 0.1 limit
+    louder = _measured("l", 1000).runs[0]
+    louder.foreign_cpu = 0.9
+    m.offer(louder, keep=3)
+    assert [r.rps for r in m.discarded] == [200, 1000]
