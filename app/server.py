@@ -31,6 +31,25 @@ log = logging.getLogger("ticketbooth")
 _POLL_S = 0.1
 
 
+class _Channel(HTTPChannel):
+    """waitress's HTTP channel, without a busy loop under load.
+
+    While a task runs, waitress's ``handle_write`` only *tries* the output lock, which the
+    worker holds while it writes its own response. Reporting the socket writable then makes
+    poll return at once, fail the lock, and poll again: the main loop spins, and holds the
+    GIL the worker needs to finish and release the lock. So while a task runs, we ask to
+    write only when the worker waits for us (its output passed the high watermark) or the
+    connection is to close; the rest is flushed by the worker, or right after its task ends.
+    """
+
+    def writable(self) -> bool:
+        if self.will_close or self.close_when_flushed:
+            return True
+        if self.requests:
+            return bool(self.total_outbufs_len > self.adj.outbuf_high_watermark)
+        return bool(self.total_outbufs_len)
+
+
 class Server:
     def __init__(self, settings: Settings, app: Callable[..., Any]) -> None:
         self.settings = settings
@@ -52,6 +71,8 @@ class Server:
             max_request_body_size=max(settings.max_body_bytes * 4, 1 << 20),
             clear_untrusted_proxy_headers=True,
         )
+
+        self._server.channel_class = _Channel
 
     @property
     def url(self) -> str:
