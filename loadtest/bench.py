@@ -222,8 +222,9 @@ METHOD_NOTES = (
     "each request's intended send time, so coordinated omission is corrected); Debian has "
     "no wrk2 package. Its p50/p99 are from its HdrHistogram; wrk's from its own. The same "
     "open loop at the same rate against a bare WSGI counter (floor-*) gives the generator's "
-    "own floor. An open loop that sent less than 95% of its rate in any repetition did not "
-    "hold it: its latency is the generator's backlog, and its verdict is n/a.",
+    "own floor. An open loop that sent less than 99% of its rate in any repetition did not "
+    "hold it: its backlog grew all run long, so its latency is the generator's, and its "
+    "verdict is n/a.",
 )
 
 
