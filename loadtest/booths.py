@@ -7,9 +7,10 @@ once from its session's transport adapter (the adapter's urllib3 pool makes
 it, with the adapter's TLS settings) and drives it directly, skipping the
 per-request work of the session, the adapter and the pool (settings,
 cookies, hooks, ``Retry`` objects, the pool's queue and its "was the
-connection dropped?" poll).  The request goes out in one write (request
-line, ``Host``, ``Content-Type``, ``Content-Length`` and the body, prepared
-once per booth); the answer is read with the connection's own HTTP parser
+connection dropped?" poll before every request, which a booth makes only
+after it has been idle).  The request has the request line, ``Host``,
+``Content-Type``, ``Content-Length`` and the body (prepared once per
+booth), nothing else; the answer is read with the connection's own HTTP parser
 (``http.client``, which urllib3's connection extends), without urllib3's
 response wrapper.  A failed request closes the connection and the next one
 reconnects.  A 409 answer's body is read, so the connection can be reused,
@@ -299,7 +300,7 @@ class _Booth:
             conn.putheader("Host", self.host)
             conn.putheader("Content-Type", self.content_type)
             conn.putheader("Content-Length", self.content_length)
-            conn.endheaders(self.body)  # one write: headers and body
+            conn.endheaders(self.body)
             response = _getresponse(conn)
             body = response.read()  # read the whole body: the connection can be reused
         except _WIRE_ERRORS as exc:
