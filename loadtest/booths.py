@@ -1,12 +1,20 @@
 """The booths: threads that buy tickets over HTTP and record what happened.
 
-Each booth owns one ``requests.Session`` (so its connection is kept alive and
-reused) and one ``BoothStats`` that only it writes.  The hot loop is lean on
-purpose: the ``POST /buy`` request is prepared once per booth and handed
-straight to the session's transport adapter, skipping the per-call work of
-``Session.request`` (merging settings, preparing, cookies, hooks, redirects);
-a 409 answer's body is read, so the connection can be reused, but not
-decoded.  Only 200 answers are decoded, for their serials.
+Each booth owns one ``requests.Session`` and one ``BoothStats`` that only it
+writes.  The hot loop is lean on purpose, so that the generator is not the
+bottleneck: a booth owns exactly one keep-alive connection, so it takes it
+once from its session's transport adapter (the adapter's urllib3 pool makes
+it, with the adapter's TLS settings) and drives it directly, skipping the
+per-request work of the session, the adapter and the pool (settings,
+cookies, hooks, ``Retry`` objects, the pool's queue and its "was the
+connection dropped?" poll before every request, which a booth makes only
+after it has been idle).  The request has the request line, ``Host``,
+``Content-Type``, ``Content-Length`` and the body (prepared once per
+booth), nothing else; the answer is read with the connection's own HTTP parser
+(``http.client``, which urllib3's connection extends), without urllib3's
+response wrapper.  A failed request closes the connection and the next one
+reconnects.  A 409 answer's body is read, so the connection can be reused,
+but not decoded.  Only 200 answers are decoded, for their serials.
 
 Two loops:
 
@@ -20,14 +28,20 @@ Two loops:
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import requests
+import urllib3.connection
 import urllib3.exceptions
+import urllib3.util
 
 from loadtest.stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_SOLD_OUT, BoothStats
 
@@ -39,6 +53,19 @@ GIVE_UP_AFTER = 100
 
 #: How long booths may take to start before the run is abandoned, in seconds.
 _START_TIMEOUT = 30.0
+
+#: A booth idle for longer than this (think time, open-loop pacing) checks
+#: that the server has not closed its keep-alive connection meanwhile before
+#: sending, as urllib3's pool does; a busy booth skips that poll.
+_IDLE_CHECK_S = 0.1
+
+#: The answer to a request sent on a connection, read by ``http.client`` (the base
+#: of urllib3's connection) rather than wrapped in urllib3's response: the wrapper
+#: (header copies, decoders, its own buffering) costs more than the request.
+_getresponse = http.client.HTTPConnection.getresponse
+
+#: What driving the connection directly may raise.
+_WIRE_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
 
 
 @dataclass(frozen=True)
@@ -149,6 +176,22 @@ def classify_exception(exc: BaseException) -> tuple[str, bool]:
     return "other", True
 
 
+def _as_urllib3_error(exc: BaseException) -> BaseException:
+    """A failure of a connection driven directly, wrapped as urllib3's pool wraps it.
+
+    Connecting already raises urllib3's own errors (``NewConnectionError``,
+    ``ConnectTimeoutError``); the socket and ``http.client`` errors of sending
+    and reading are what the pool reports as "Connection aborted", and TLS
+    errors as ``SSLError``.  So ``classify_exception`` answers the same kind
+    as it would for the same failure through ``requests``.
+    """
+    if isinstance(exc, urllib3.exceptions.HTTPError):
+        return exc
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return urllib3.exceptions.SSLError(exc)
+    return urllib3.exceptions.ProtocolError("Connection aborted.", exc)
+
+
 class _Booth:
     def __init__(self, index: int, url: str, control: _Control) -> None:
         plan = control.plan
@@ -156,13 +199,28 @@ class _Booth:
         self.control = control
         self.stats = BoothStats(booth=index + 1, url=url)
         self.failure: BaseException | None = None
+        self.last_done = -math.inf  # when this booth's last answer (or failure) came
         self.finished_at = 0.0
         self.session = requests.Session()
         body = json.dumps({"quantity": plan.quantity}).encode()
         request = requests.Request("POST", url.rstrip("/") + "/buy", data=body,
                                    headers={"Content-Type": "application/json"})
-        self.prepared = self.session.prepare_request(request)
-        self.send = self.session.get_adapter(self.prepared.url or url).send
+        prepared = self.session.prepare_request(request)
+        target = prepared.url or url
+        # The adapter's pool for this URL, with the TLS settings the adapter would use.
+        adapter = self.session.get_adapter(target)
+        assert isinstance(adapter, requests.adapters.HTTPAdapter)
+        pool = adapter.get_connection_with_tls_context(prepared, True)
+        adapter.cert_verify(pool, target, True, None)
+        # The booth's one connection: made by the pool (its class, socket and TLS
+        # options), opened by the first request, reopened after a failure.
+        self.conn = cast(urllib3.connection.HTTPConnection, pool._new_conn())
+        self.conn.timeout = plan.timeout  # connect, and every read and write after
+        self.path = prepared.path_url
+        self.host = urllib3.util.parse_url(target).netloc or ""
+        self.content_type = "application/json"
+        self.body = body
+        self.content_length = str(len(body))
 
     def run(self) -> None:
         try:
@@ -181,6 +239,7 @@ class _Booth:
             self.control.stop.set()
         finally:
             self.finished_at = time.perf_counter()
+            self.conn.close()
             self.session.close()
 
     def _closed_loop(self) -> None:
@@ -233,19 +292,28 @@ class _Booth:
     def _buy(self, intended: float) -> int:
         """Send one purchase, record it, and answer its OUTCOME_*."""
         st = self.stats
+        conn = self.conn
         try:
-            response = self.send(self.prepared, timeout=self.control.plan.timeout)
-            body = response.content  # read the whole body: the connection goes back to the pool
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            now = time.perf_counter()
-            kind, maybe_sent = classify_exception(exc)
+            if intended - self.last_done > _IDLE_CHECK_S and not conn.is_connected:
+                conn.close()  # closed by the server while idle (or never opened): reopen
+            conn.putrequest("POST", self.path, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", self.host)
+            conn.putheader("Content-Type", self.content_type)
+            conn.putheader("Content-Length", self.content_length)
+            conn.endheaders(self.body)
+            response = _getresponse(conn)
+            body = response.read()  # read the whole body: the connection can be reused
+        except _WIRE_ERRORS as exc:
+            conn.close()  # a connection in an unknown state: the next request reconnects
+            now = self.last_done = time.perf_counter()
+            kind, maybe_sent = classify_exception(_as_urllib3_error(exc))
             st.errors[kind] += 1
             if maybe_sent:
                 st.unknown_tickets += self.control.plan.quantity
             st.record(now - self.control.origin, int((now - intended) * 1e6), OUTCOME_ERROR)
             return OUTCOME_ERROR
-        now = time.perf_counter()
-        status = response.status_code
+        now = self.last_done = time.perf_counter()
+        status = response.status
         st.status_counts[status] += 1
         if status == 200:
             try:

@@ -16,10 +16,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import podman_engine as engine
 import pytest
@@ -57,18 +57,23 @@ def timings(container_summary: list[str]) -> Iterator[Timings]:
     )
 
 
+T = TypeVar("T")
+
+
+def _or_fail(headline: str, step: Callable[[], T]) -> T:
+    """Run a set-up step; when no engine can do it, fail loudly (never skip)."""
+    try:
+        return step()
+    except engine.EngineUnavailable as exc:
+        reason = str(exc)
+    pytest.fail(f"{headline}: {reason}", pytrace=False)  # outside except: no chained trace
+
+
 @pytest.fixture(scope="module")
 def podman(timings: Timings) -> Iterator[engine.Podman]:
     started = time.perf_counter()
-    try:
-        installed = engine.ensure_tools()
-        session = engine.podman_session()
-    except engine.EngineUnavailable as exc:
-        reason = str(exc)
-    else:
-        reason = ""
-    if reason:
-        pytest.fail(f"NO CONTAINER ENGINE, the image cannot be tested: {reason}", pytrace=False)
+    installed = _or_fail("NO CONTAINER ENGINE, the image cannot be tested", engine.ensure_tools)
+    session = _or_fail("NO CONTAINER ENGINE, the image cannot be tested", engine.podman_session)
     if installed:
         timings.seconds["install podman & co from Debian"] = installed
     timings.seconds["podman ready"] = time.perf_counter() - started
@@ -79,14 +84,8 @@ def podman(timings: Timings) -> Iterator[engine.Podman]:
 
 @pytest.fixture(scope="module")
 def image(podman: engine.Podman, timings: Timings) -> str:
-    try:
-        how, seconds = engine.ensure_base_image(podman)
-    except engine.EngineUnavailable as exc:
-        reason = str(exc)
-    else:
-        reason = ""
-    if reason:
-        pytest.fail(f"NO BASE IMAGE, the image cannot be built: {reason}", pytrace=False)
+    how, seconds = _or_fail("NO BASE IMAGE, the image cannot be built",
+                            lambda: engine.ensure_base_image(podman))
     timings.seconds[f"base image python:3.11-slim ({how})"] = seconds
     timings.seconds["podman build"] = engine.build_image(podman, TAG)
     return TAG
