@@ -41,9 +41,6 @@ def _serve(settings: Settings) -> int:
     if settings.store == "unsafe-memory" and settings.allow_unsafe:
         log.warning("UNSAFE STORE: --store unsafe-memory sells without a lock and WILL "
                     "oversell and hand out duplicate tickets. For demonstrations only.")
-    # A thread that got its answer from the disk or the network waits for the GIL at most
-    # this long (Python's default is 5 ms, which shows in tail latency).
-    sys.setswitchinterval(settings.switch_interval_ms / 1000)
     store = open_store(settings)
     try:
         server = Server(settings, create_app(settings, store))

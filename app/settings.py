@@ -66,10 +66,6 @@ class Settings:
     shutdown_timeout: float = _setting(10.0, "Seconds to let in-flight requests finish after "
                                        "SIGTERM or SIGINT before closing.",
                                        minimum=0, maximum=3600)
-    switch_interval_ms: float = _setting(1.0, "How long one Python thread may keep the GIL "
-                                         "while others wait (sys.setswitchinterval); shorter "
-                                         "lets a finished commit or I/O resume sooner.",
-                                         minimum=0.05, maximum=100)
     connection_limit: int = _setting(1000, "Most open client connections; past it waitress "
                                      "stops accepting until some close.",
                                      minimum=1, maximum=100_000)
