@@ -12,7 +12,7 @@ RUN_STORE := $(or $(TICKETBOOTH_STORE),sqlite:///data/tickets.db)
 PG_INITDB_GLOB ?= /usr/lib/postgresql/*/bin/initdb
 
 .PHONY: run test lint typecheck clean demo postgres-server browser-deps container-deps \
-	container-test
+	container-test wrk bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,17 @@ postgres-server:
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
 	fi
 
-test: $(VENV)/.installed-test postgres-server browser-deps
+# wrk (the HTTP benchmarking tool) from Debian's packages, only when missing: make bench
+# uses it, and make test runs a one-second smoke of the bench.
+wrk:
+	@if ! command -v wrk >/dev/null 2>&1; then \
+		echo "wrk missing: installing Debian's wrk"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk; \
+	fi
+
+test: $(VENV)/.installed-test postgres-server browser-deps wrk
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not container"
 	$(MAKE) container-test
@@ -61,6 +71,13 @@ container-test: $(VENV)/.installed-test container-deps
 # and against the unsafe one (the checks catch it); succeeds when both go as expected.
 demo: $(VENV)/.installed-run
 	$(BIN)/python -m loadtest.demo
+
+# The benchmark (python -m loadtest.bench; about 4 minutes): every store against a bare WSGI
+# hello and a Flask hello on the same waitress settings; results in bench-results/.
+# Extra flags in BENCH_ARGS, e.g. make bench BENCH_ARGS="--only memory sqlite --repeat 5".
+BENCH_ARGS ?=
+bench: $(VENV)/.installed-run wrk postgres-server
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

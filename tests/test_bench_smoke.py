@@ -1,0 +1,137 @@
+"""A smoke of ``make bench``: the bench runs end to end and writes every figure.
+
+``python -m loadtest.bench --smoke`` makes one 1-second measurement of the Flask hello and
+of memory ``/buy``. Nothing here asserts a time, a rate or a ratio: the bench is a report,
+and this machine is shared. It needs wrk (``make test`` installs it); without wrk this
+test fails with that reason rather than skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.bench import CHECKS, SMOKE, run
+from loadtest.bench_load import Run, write_wrk_script
+from loadtest.bench_report import CheckSpec, Measured, evaluate
+
+RUN_FIELDS = {"tool", "requests", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms",
+              "errors", "non_2xx", "server_cpu", "load_cpu", "foreign_cpu", "retries"}
+MEASUREMENT_FIELDS = {"name", "title", "tool", "repetitions", "median_rps", "min_rps",
+                      "max_rps", "p50_ms", "p99_ms", "server_cpu", "load_cpu", "foreign_cpu_max",
+                      "noisy", "remarks", "runs", "discarded_runs"}
+
+
+@pytest.mark.timeout(180)
+def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed: `make test` installs it from Debian's packages "
+                    "(apt-get install wrk)", pytrace=False)
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "loadtest.bench", "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=150, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "memory /buy vs Flask hello" in done.stdout
+
+    result = json.loads((out / "bench.json").read_text())
+    assert result["config"]["smoke"] is True
+    assert {"pinned", "pinning", "wrk", "loadavg_before", "loadavg_after"} <= set(
+        result["machine"])
+    measurements = {m["name"]: m for m in result["measurements"]}
+    assert set(measurements) == set(SMOKE)
+    for m in measurements.values():
+        assert set(m) >= MEASUREMENT_FIELDS, m
+        assert m["repetitions"] == 1 and len(m["runs"]) == 1
+        assert m["median_rps"] > 0
+        assert set(m["runs"][0]) >= RUN_FIELDS
+        assert m["runs"][0]["tool"] == "wrk"
+    checks = {c["name"]: c for c in result["checks"]}
+    assert set(checks) == {c.name for c in CHECKS}
+    ratio = checks["memory-vs-flask"]
+    assert ratio["value"] > 0 and ratio["target"] == 0.95
+    assert ratio["verdict"] in ("PASS", "MISS")
+    assert checks["sqlite-vs-memory"]["verdict"] == "n/a"  # not measured in a smoke
+    assert (out / "bench.md").read_text().startswith("Made by `python -m loadtest.bench --smoke")
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "work").exists()  # scratch files are removed
+
+
+def test_bench_usage_errors_exit_2() -> None:
+    assert run(["--connections", "63"]) == 2
+    assert run(["--only", "no-such-measurement"]) == 2
+    assert run(["--repeat", "0"]) == 2
+
+
+def _measured(name: str, *rps: float, p99: float = 1.0) -> Measured:
+    runs = [Run("wrk", requests=int(r), seconds=1.0, rps=r, p50_ms=1.0, p90_ms=1.0,
+                p99_ms=p99, max_ms=1.0) for r in rps]
+    return Measured(name, name, "wrk", runs=runs)
+
+
+def test_ratios_are_ratios_of_medians_with_verdicts() -> None:
+    measured = {"a": _measured("a", 90, 100, 200), "b": _measured("b", 130, 110, 120),
+                "p": _measured("p", 1, 1, 1, p99=12.0)}
+    specs = [CheckSpec("pass", "a/b", "a", "b", 0.8), CheckSpec("miss", "a/b", "a", "b", 0.9),
+             CheckSpec("report", "b/a", "b", "a"), CheckSpec("na", "a/x", "a", "x", 0.8),
+             CheckSpec("p99-miss", "p99 of p", "p", target=10.0),
+             CheckSpec("p99-pass", "p99 of p", "p", target=15.0)]
+    checks = {c.spec.name: c for c in evaluate(specs, measured)}
+    assert checks["pass"].value == pytest.approx(100 / 120)  # medians 100 and 120
+    assert checks["pass"].verdict == "PASS" and checks["miss"].verdict == "MISS"
+    assert checks["report"].verdict == "report"
+    assert checks["report"].value == pytest.approx(1.2)
+    assert checks["na"].verdict == "n/a" and checks["na"].value is None
+    assert checks["p99-miss"].verdict == "MISS" and checks["p99-miss"].value == 12.0
+    assert checks["p99-pass"].verdict == "PASS"
+
+
+def test_wrk_script_spreads_threads_over_ports(tmp_path: Path) -> None:
+    script = write_wrk_script(tmp_path / "s.lua", [8001, 8002], keyed=True).read_text()
+    assert "local ports = {8001, 8002}" in script
+    assert "local keyed = true" in script
+    assert "%%" not in script
+
+
+def test_an_open_loop_that_fell_behind_its_rate_is_no_verdict() -> None:
+    held, behind = _measured("held", 995, p99=3.0), _measured("behind", 970, p99=3.0)
+    held.runs[0].rate = behind.runs[0].rate = 1000.0
+    specs = [CheckSpec("held", "p99", "held", target=10.0),
+             CheckSpec("behind", "p99", "behind", target=10.0)]
+    checks = {c.spec.name: c for c in evaluate(specs, {"held": held, "behind": behind})}
+    assert checks["held"].verdict == "PASS"
+    assert checks["behind"].verdict == "n/a"
+    assert "could not send 1,000 req/s" in checks["behind"].note
+
+
+@pytest.mark.parametrize(("server", "load_core", "load", "noise"), [
+    (0.0, 0.0, 0.2, 0.0),
+    (0.3, 0.0, 0.2, 0.3),  # others on the servers' CPU always count
+    (0.0, 0.6, 0.2, 0.0),  # a neighbour on the load CPU that left wrk all it wanted
+    (0.0, 0.3, 0.9, 0.3),  # ... and one that competed with a busy generator
+])
+def test_noise_counts_others_where_they_competed(server: float, load_core: float, load: float,
+                                                 noise: float) -> None:
+    one = _measured("m", 100).runs[0]
+    one.foreign_cpu, one.foreign_load_cpu, one.load_cpu = server, load_core, load
+    assert one.noise == pytest.approx(noise)
+
+
+def test_the_noisiest_runs_are_replaced_whatever_their_figures() -> None:
+    m = _measured("m", 100, 200, 300)
+    for one, noise in zip(m.runs, (0.0, 0.5, 0.0), strict=True):
+        one.foreign_cpu = noise
+    quiet = _measured("q", 10).runs[0]
+    quiet.foreign_cpu = 0.05
+    m.offer(quiet, keep=3)
+    assert [r.rps for r in m.runs] == [100, 300, 10]  # the noisy 200 goes, though it is mid
+    assert [r.rps for r in m.discarded] == [200]
+    assert m.noisy is False  # 0.05 is under the 0.1 limit
+    louder = _measured("l", 1000).runs[0]
+    louder.foreign_cpu = 0.9
+    m.offer(louder, keep=3)
+    assert [r.rps for r in m.discarded] == [200, 1000]
