@@ -51,6 +51,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from loadtest.argtypes import non_negative_float, non_negative_int, positive_int
 from loadtest.bench_load import (
     WRK_THREADS,
     NoAnswer,
@@ -239,34 +240,7 @@ METHOD_NOTES = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more: {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,14 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 the bench ran (MISSes included: it is a report), 2 it could "
                "not run, 130 interrupted. Measurements: "
                + ", ".join(m.name for m in MEASUREMENTS) + ".")
-    p.add_argument("--repeat", type=_positive_int, default=3, metavar="N",
+    p.add_argument("--repeat", type=positive_int, default=3, metavar="N",
                    help="repetitions of every measurement; the median is reported (default 3)")
-    p.add_argument("--duration", type=_positive_int, default=5, metavar="SECONDS",
+    p.add_argument("--duration", type=positive_int, default=5, metavar="SECONDS",
                    help="seconds of load per repetition, whole seconds (default 5)")
-    p.add_argument("--warmup", type=_non_negative_int, default=1, metavar="SECONDS",
+    p.add_argument("--warmup", type=non_negative_int, default=1, metavar="SECONDS",
                    help="seconds of unrecorded load on each server before its first "
                         "repetition (default 1; 0 for none)")
-    p.add_argument("--connections", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--connections", type=positive_int, default=64, metavar="N",
                    help=f"concurrent connections (wrk -c, ticketbooth-load --booths); a "
                         f"multiple of {WRK_THREADS} (default 64)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
@@ -302,10 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a quick check that the bench works: 1 repetition of 1 s, no "
                         "warm-up, no extra runs, only " + " and ".join(SMOKE)
                         + " unless --only is given; its figures mean nothing")
-    p.add_argument("--noise-limit", type=_non_negative_float, default=0.1, metavar="CPUS",
+    p.add_argument("--noise-limit", type=non_negative_float, default=0.1, metavar="CPUS",
                    help="a run during which other processes (not the bench's) took more than "
                         "this much CPU of the bench's CPUs is noisy (default 0.1)")
-    p.add_argument("--noise-redos", type=_non_negative_int, default=NOISE_BUDGET,
+    p.add_argument("--noise-redos", type=non_negative_int, default=NOISE_BUDGET,
                    metavar="N",
                    help="extra runs the bench may make, after the repetitions, of measurements "
                         "with a noisy run; each keeps its --repeat quietest runs (default "

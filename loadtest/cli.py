@@ -19,6 +19,7 @@ from typing import IO
 
 import requests
 
+from loadtest.argtypes import non_negative_float, positive_float, positive_int
 from loadtest.booths import LoadPlan, classify_exception, run_load
 from loadtest.checks import (
     RunRecord,
@@ -50,37 +51,12 @@ class ServiceError(Exception):
     """The service could not be reached or gave an unexpected answer."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
 
-def _finite_float(text: str, *, allow_zero: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
-        bound = "0 or more" if allow_zero else "above 0"
-        raise argparse.ArgumentTypeError(f"must be a finite number {bound}: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    return _finite_float(text, allow_zero=False)
-
-
-def _non_negative_float(text: str) -> float:
-    return _finite_float(text, allow_zero=True)
 
 
 def _fraction(text: str) -> float:
-    value = _non_negative_float(text)
+    value = non_negative_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1: {text!r}")
     return value
@@ -109,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--spawn", action="store_true",
                         help="start a local service on a free loopback port for the run and stop "
                              "it afterwards (runs 'python -m app serve')")
-    target.add_argument("--tickets", type=_positive_int, metavar="N",
+    target.add_argument("--tickets", type=positive_int, metavar="N",
                         help="with --spawn: the spawned service's stock (default 100)")
     target.add_argument("--store", metavar="STORE",
                         help="with --spawn: the spawned service's store, e.g. memory, "
@@ -120,31 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
                              "--server-arg=--chore-ms=20 (may be repeated)")
 
     load = p.add_argument_group("load")
-    load.add_argument("--booths", type=_positive_int, default=10, metavar="N",
+    load.add_argument("--booths", type=positive_int, default=10, metavar="N",
                       help="number of booths: concurrent buyer threads, each with its own "
                            "connection (default 10)")
-    load.add_argument("--quantity", type=_positive_int, default=1, metavar="K",
+    load.add_argument("--quantity", type=positive_int, default=1, metavar="K",
                       help="tickets asked for in each purchase (default 1)")
-    load.add_argument("--requests", type=_positive_int, metavar="N",
+    load.add_argument("--requests", type=positive_int, metavar="N",
                       help="stop after N requests in total; booths then go on past sold out, "
                            "counting 409 answers (default: each booth stops at its first sold-out "
                            "answer)")
-    load.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+    load.add_argument("--duration", type=positive_float, metavar="SECONDS",
                       help="stop after this many seconds, going on past sold out like "
                            "--requests; with --requests, whichever comes first (default: until "
                            "sold out)")
-    load.add_argument("--rate", type=_positive_float, metavar="R",
+    load.add_argument("--rate", type=positive_float, metavar="R",
                       help="open loop: send R requests per second in total at a constant rate, "
                            "measuring latency from each request's intended send time "
                            "(coordinated-omission correction); default: closed loop, each "
                            "booth sends as soon as it has its answer")
-    load.add_argument("--think", type=_non_negative_float, default=0.0, metavar="MS",
+    load.add_argument("--think", type=non_negative_float, default=0.0, metavar="MS",
                       help="pause in milliseconds between one booth's purchases (closed loop "
                            "only; default 0)")
-    load.add_argument("--processes", type=_positive_int, default=1, metavar="P",
+    load.add_argument("--processes", type=positive_int, default=1, metavar="P",
                       help="spread the booths over P worker processes when one Python process "
                            "cannot keep up (default 1: all booths are threads of this process)")
-    load.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+    load.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS",
                       help="timeout of each request (default 10)")
 
     out = p.add_argument_group("output")
@@ -158,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "bar")
 
     limits = p.add_argument_group("thresholds (exit 3 when breached)")
-    limits.add_argument("--max-p99-ms", type=_positive_float, metavar="MS",
+    limits.add_argument("--max-p99-ms", type=positive_float, metavar="MS",
                         help="fail when the 99th percentile latency is above MS milliseconds")
     limits.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION",
                         help="fail when errors / requests is above FRACTION (0..1), e.g. 0.01")
