@@ -20,7 +20,6 @@ from app.telemetry import Telemetry, TelemetryMiddleware
 __all__ = ["create_app", "describe_openapi", "rfc3339"]
 
 
-
 def rfc3339(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -43,8 +42,6 @@ def create_app(settings: Settings, store: Store) -> Flask:
     openapi = describe_openapi(package.joinpath("openapi.json").read_text(), settings)
     telemetry = Telemetry(store, settings.access_log, settings.log_level)
     booth = Booth(store, settings.max_per_request)
-    app.extensions["ticketbooth.telemetry"] = telemetry
-    app.extensions["ticketbooth.booth"] = booth
     # Outermost first: telemetry times everything; the hot path answers /buy and /remaining;
     # Flask answers the rest.
     hot = HotPath(app.wsgi_app, booth, store, telemetry, settings.max_body_bytes)

@@ -65,7 +65,6 @@ def _configure_logging(level: str) -> None:
 
 def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for a bad setting)."""
-    _configure_logging("info")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -132,6 +132,10 @@ class Receipt:
         serials = outcome.serials if isinstance(outcome, Sale) else range(0)
         return cls(quantity, serials, outcome.remaining, created)
 
+    def expired(self, now: float, ttl: float) -> bool:
+        """Whether the key is forgotten: first used ``ttl`` seconds or more before ``now``."""
+        return self.created <= now - ttl
+
     def replay(self, key: str, quantity: int) -> Sale:
         """The stored answer again, for a retry with the same key."""
         if quantity != self.quantity:

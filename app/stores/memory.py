@@ -33,11 +33,11 @@ class ReceiptBook:
         self._receipts[key] = receipt
 
     def _forget_expired(self) -> None:
-        cutoff = self.clock() - self.ttl
+        now = self.clock()
         receipts = self._receipts
         while receipts:
             oldest = next(iter(receipts))
-            if receipts[oldest].created > cutoff:
+            if not receipts[oldest].expired(now, self.ttl):
                 break
             del receipts[oldest]
 

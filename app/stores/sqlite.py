@@ -319,7 +319,7 @@ class SqliteStore:
                 outcome: Sale | SoldOut = SoldOut(quantity, remaining)
             else:
                 if self._chore_s:
-                    time.sleep(self._chore_s)  # the lesson's chore, inside the commit lock
+                    time.sleep(self._chore_s)  # the lesson's chore, as the sole writer
                 outcome = Sale(range(sold + 1, sold + 1 + quantity), remaining - quantity)
                 sold += quantity
             if key is not None:
@@ -360,4 +360,4 @@ class SqliteStore:
                 return None
             quantity, first, count, remaining, created = row
             receipt = Receipt(quantity, range(first, first + count), remaining, created)
-        return None if receipt.created <= now - self._key_ttl else receipt
+        return None if receipt.expired(now, self._key_ttl) else receipt
