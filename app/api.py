@@ -14,6 +14,7 @@ from app.admin import register_admin
 from app.errors import json_response, register_error_handlers
 from app.hotpath import HotPath
 from app.inventory import Booth, Store
+from app.parking import PARK_EXTENSION
 from app.settings import Settings
 from app.telemetry import Telemetry, TelemetryMiddleware
 
@@ -46,6 +47,8 @@ def create_app(settings: Settings, store: Store) -> Flask:
     # Flask answers the rest.
     hot = HotPath(app.wsgi_app, booth, store, telemetry, settings.max_body_bytes)
     app.wsgi_app = TelemetryMiddleware(hot, telemetry)  # type: ignore[method-assign]
+    if booth.can_defer:
+        app.extensions[PARK_EXTENSION] = hot.park
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     register_error_handlers(app)
 

@@ -11,16 +11,17 @@ answered here (405 with ``Allow`` for the wrong one).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs
 
 from werkzeug.exceptions import MethodNotAllowed, RequestEntityTooLarge
 
 from app.errors import JSON, BadRequest, Headers, error_parts, json_bytes
 from app.inputs import idempotency_key, requested_quantity
-from app.inventory import Booth, Sale, Store
+from app.inventory import Booth, Sale, Store, TicketboothError
+from app.parking import ENVIRON_KEY, Parking
 from app.telemetry import Telemetry
 
 __all__ = ["ROUTES", "HotPath"]
@@ -72,30 +73,63 @@ class HotPath:
         start_response(_STATUS_LINES[status], headers)
         return [b"" if method == "HEAD" else body]
 
+    def park(self, method: str, path: str, query: str, headers: Mapping[str, str],
+             body: BinaryIO, parking: Parking) -> bool:
+        """Hand a keyless ``POST /buy`` to the store without waiting (see app.parking).
+
+        Called by the server before any WSGI work, with the request line's parts, the
+        headers as waitress keeps them (``CONTENT_TYPE``, ``IDEMPOTENCY_KEY``) and the body.
+        True when the order is handed over: the request is to run again once ``parking``
+        has its outcome. False for any other request, and for one with bad input or a store
+        that cannot take it now; it then runs as usual and gets its answer there.
+        """
+        if (path != "/buy" or method != "POST" or "IDEMPOTENCY_KEY" in headers
+                or not self.booth.can_defer):
+            return False
+        try:
+            quantity, _ = self._order(query, headers.get("CONTENT_TYPE", ""),
+                                      headers.get("CONTENT_LENGTH"), body, None)
+        except Exception:
+            return False
+        finally:
+            body.seek(0)  # the run that answers reads the body again
+        try:
+            self.booth.buy_later(quantity, parking.done)
+        except TicketboothError:  # a bad quantity, a closed store: answered as usual
+            return False
+        return True
+
     def _buy(self, environ: dict[str, Any]) -> tuple[int, Headers, bytes]:
-        key = idempotency_key(environ.get("HTTP_IDEMPOTENCY_KEY"))
-        query = environ.get("QUERY_STRING")
-        queried = parse_qs(query, keep_blank_values=True).get("quantity", []) if query else []
-        quantity = requested_quantity(queried, self._body(environ),
-                                      environ.get("CONTENT_TYPE", "").split(";")[0].strip()
-                                      .lower())
-        sale = self.booth.buy(quantity, key)
+        parking: Parking | None = environ.get(ENVIRON_KEY)
+        quantity, key = self._order(environ.get("QUERY_STRING", ""),
+                                    environ.get("CONTENT_TYPE", ""),
+                                    environ.get("CONTENT_LENGTH"), environ["wsgi.input"],
+                                    environ.get("HTTP_IDEMPOTENCY_KEY"))
+        sale = self.booth.buy(quantity, key) if parking is None else parking.result()
         if sale.replayed:
             return 200, list(_REPLAYED), _sale_body(sale)
         self.telemetry.sold(len(sale.serials))
         return 200, [], _sale_body(sale)
+
+    def _order(self, query: str, content_type: str, content_length: str | None,
+               body: BinaryIO, key_header: str | None) -> tuple[int, str | None]:
+        """A buy's quantity and Idempotency-Key, read the same way wherever it is read."""
+        key = idempotency_key(key_header)
+        queried = parse_qs(query, keep_blank_values=True).get("quantity", []) if query else []
+        mimetype = content_type.split(";")[0].strip().lower()
+        return requested_quantity(queried, self._body(content_length, body), mimetype), key
 
     def _remaining(self, environ: dict[str, Any]) -> tuple[int, Headers, bytes]:
         counts = self.store.counts()
         return 200, [], json_bytes({"remaining": counts.remaining, "sold": counts.sold,
                                     "total": counts.total})
 
-    def _body(self, environ: dict[str, Any]) -> bytes:
-        text = environ.get("CONTENT_LENGTH") or "0"
+    def _body(self, content_length: str | None, body: BinaryIO) -> bytes:
+        text = content_length or "0"
         if not text.isdigit():
             raise BadRequest("bad_request", "Content-Length must be a number of bytes")
         length = int(text)
         if length > self.max_body_bytes:
             raise RequestEntityTooLarge(
                 f"the request body is over the limit of {self.max_body_bytes} bytes")
-        return environ["wsgi.input"].read(length) if length else b""
+        return body.read(length) if length else b""

@@ -8,18 +8,20 @@ that are still being processed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "Booth",
     "Counts",
+    "DeferringStore",
     "IdempotencyKeyInFlight",
     "IdempotencyKeyReuse",
     "InvalidQuantity",
+    "Outcome",
     "Receipt",
     "Sale",
     "SoldOut",
@@ -118,6 +120,24 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+# What a deferred sale ends in: the sale, or the error a direct call would have raised.
+Outcome: TypeAlias = Sale | Exception
+
+
+@runtime_checkable
+class DeferringStore(Store, Protocol):
+    """A store whose sales wait on something slow (a disk) and can be waited for elsewhere."""
+
+    def sell_later(self, quantity: int, done: Callable[[Outcome], None]) -> None:
+        """Start selling ``quantity`` tickets (no idempotency key); return at once.
+
+        ``done`` is called exactly once, from another thread, with what :meth:`Store.sell`
+        would have returned or raised, only after the sale is as durable as ``sell``
+        makes it. Raises :class:`StoreUnavailable` at once when the store is closed.
+        """
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Receipt:
     """The first outcome for an idempotency key, kept so a retry gets the same answer."""
@@ -153,15 +173,33 @@ class Booth:
         self.max_per_request = max_per_request
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
+        self._deferring = store if isinstance(store, DeferringStore) else None
 
     def buy(self, quantity: int, key: str | None = None) -> Sale:
-        if not 1 <= quantity <= self.max_per_request:
-            raise InvalidQuantity(
-                f"quantity must be between 1 and {self.max_per_request}, got {quantity}")
+        self._check(quantity)
         if key is None:
             return self.store.sell(quantity)
         with self._claim(key):
             return self.store.sell(quantity, key)
+
+    @property
+    def can_defer(self) -> bool:
+        """Whether :meth:`buy_later` can hand sales to the store without waiting."""
+        return self._deferring is not None
+
+    def buy_later(self, quantity: int, done: Callable[[Outcome], None]) -> None:
+        """:meth:`buy` without a key, whose outcome goes to ``done`` (see DeferringStore).
+
+        Keyed sales are not deferred: their key stays claimed until the sale is over.
+        """
+        self._check(quantity)
+        assert self._deferring is not None, "check can_defer first"
+        self._deferring.sell_later(quantity, done)
+
+    def _check(self, quantity: int) -> None:
+        if not 1 <= quantity <= self.max_per_request:
+            raise InvalidQuantity(
+                f"quantity must be between 1 and {self.max_per_request}, got {quantity}")
 
     @contextmanager
     def _claim(self, key: str) -> Iterator[None]:

@@ -19,7 +19,9 @@ from typing import Any
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
+from waitress.task import WSGITask
 
+from app.parking import ENVIRON_KEY, PARK_EXTENSION, Parking
 from app.settings import Settings
 
 __all__ = ["Server"]
@@ -31,8 +33,19 @@ log = logging.getLogger("ticketbooth")
 _POLL_S = 0.1
 
 
+class _Task(WSGITask):
+    """waitress's WSGI task, giving the app a parked request's :class:`Parking`."""
+
+    def get_environment(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environment()
+        parking = getattr(self.request, "ticketbooth_parking", None)
+        if parking is not None:
+            environ[ENVIRON_KEY] = parking
+        return environ
+
+
 class _Channel(HTTPChannel):
-    """waitress's HTTP channel, without a busy loop under load.
+    """waitress's HTTP channel, without a busy loop under load, and able to park requests.
 
     While a task runs, waitress's ``handle_write`` only *tries* the output lock, which the
     worker holds while it writes its own response. Reporting the socket writable then makes
@@ -41,6 +54,24 @@ class _Channel(HTTPChannel):
     write only when the worker waits for us (its output passed the high watermark) or the
     connection is to close; the rest is flushed by the worker, or right after its task ends.
     """
+
+    task_class = _Task
+
+    def service(self) -> None:
+        requests = self.requests
+        if not requests:  # closed while its request was parked
+            return
+        request = requests[0]
+        park = self.server.ticketbooth_park
+        if (park is not None and not request.error
+                and getattr(request, "ticketbooth_parking", None) is None):
+            # Set before the hand-over: the outcome may queue this channel again at once.
+            parking = request.ticketbooth_parking = Parking(lambda: self.server.add_task(self))
+            if park(request.command, request.path, request.query, request.headers,
+                    request.get_body_stream(), parking):
+                return  # the request stays first in line until its run that answers
+            request.ticketbooth_parking = None
+        super().service()
 
     def writable(self) -> bool:
         if self.will_close or self.close_when_flushed:
@@ -73,6 +104,8 @@ class Server:
         )
 
         self._server.channel_class = _Channel
+        # The app's parking hook (app.parking), when its store defers sales.
+        self._server.ticketbooth_park = getattr(app, "extensions", {}).get(PARK_EXTENSION)
 
     @property
     def url(self) -> str:

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.inventory import Store
+from app.parking import ENVIRON_KEY
 
 __all__ = ["SalesRate", "Telemetry", "TelemetryMiddleware", "endpoint_of"]
 
@@ -160,7 +161,8 @@ class TelemetryMiddleware:
 
     def __call__(self, environ: dict[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
-        started = time.perf_counter()
+        parking = environ.get(ENVIRON_KEY)  # a parked request started on its first run
+        started = time.perf_counter() if parking is None else parking.started
         answer: list[Any] = []
 
         def capture(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:

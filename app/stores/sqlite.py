@@ -1,11 +1,12 @@
 """The durable embedded store: SQLite in WAL mode, every sale fsynced before it is answered.
 
-Group commit: request threads put their orders in the pending batch and wait for them. One
-writer thread takes the whole pending batch (every order that arrived while it was busy),
-sells it in one transaction with one fsync, and then wakes each order's thread. So while one
-commit waits on the disk the next batch gathers, and a request thread never queues behind a
-commit that does not hold its order. Each answer is given only after the commit that holds
-its sale.
+Group commit: orders go into the pending batch. One writer thread takes the whole pending
+batch (every order that arrived while it was busy), sells it in one transaction with one
+fsync, and then tells each order its outcome: it wakes the thread waiting in :meth:`sell`,
+or calls the callback given to :meth:`sell_later` (a parked request, see app.parking, whose
+worker thread did not wait). So while one commit waits on the disk the next batch gathers,
+and no order queues behind a commit that does not hold it. Each answer is given only after
+the commit that holds its sale.
 
 The commit path is lean: a batch's serials are consecutive and share one time, so a batch
 is one row of ``sales``, and a batch with no idempotency keys is a single INSERT statement
@@ -18,17 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.inventory import Counts, Receipt, Sale, SoldOut, StoreUnavailable
+from app.inventory import Counts, Outcome, Receipt, Sale, SoldOut, StoreUnavailable
 from app.stores import StoreSetupError
+
+log = logging.getLogger("ticketbooth")
 
 __all__ = ["SqliteStore", "path_from_url"]
 
@@ -85,9 +89,20 @@ class _Order:
     key: str | None = None
     restock: bool = False
     result: Sale | Counts | Exception | None = None
-    # Held until the order's result is set: the cheapest wake-up there is (one futex), and
-    # no lock shared with the rest of the batch.
-    done: threading.Lock = field(default_factory=_held_lock)
+    # Told the result once it is set: a deferred sale's callback, or None, and then the
+    # order's thread waits on ``done``, held until then: the cheapest wake-up there is (one
+    # futex), and no lock shared with the rest of the batch.
+    callback: Callable[[Outcome], None] | None = None
+    done: threading.Lock | None = None
+
+
+def _tell(callback: Callable[[Outcome], None], result: object) -> None:
+    """Give a deferred sale its outcome; a caller's bug must not stop the writer."""
+    assert isinstance(result, Sale | Exception)
+    try:
+        callback(result)
+    except Exception:
+        log.exception("a deferred sale's callback failed")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -179,6 +194,9 @@ class SqliteStore:
         assert isinstance(result, Sale)
         return result
 
+    def sell_later(self, quantity: int, done: Callable[[Outcome], None]) -> None:
+        self._enqueue(_Order(quantity, callback=done))
+
     def restock(self, tickets: int) -> Counts:
         result = self._submit(_Order(tickets, restock=True))
         assert isinstance(result, Counts)
@@ -229,13 +247,17 @@ class SqliteStore:
 
     # --- writing: group commit --------------------------------------------------------
 
-    def _submit(self, order: _Order) -> Sale | Counts:
+    def _enqueue(self, order: _Order) -> None:
         with self._lock:
             if self._closed:
                 raise StoreUnavailable("the store is closed")
             self._pending.append(order)
             if len(self._pending) == 1:
                 self._wake.notify()
+
+    def _submit(self, order: _Order) -> Sale | Counts:
+        order.done = _held_lock()
+        self._enqueue(order)
         if not order.done.acquire(timeout=_ORDER_TIMEOUT_S):
             raise StoreUnavailable("the database did not commit in time")
         if isinstance(order.result, Exception):
@@ -254,7 +276,11 @@ class SqliteStore:
                 return
             self._commit_batch(batch)
             for order in batch:
-                order.done.release()
+                if order.callback is None:
+                    assert order.done is not None
+                    order.done.release()
+                else:
+                    _tell(order.callback, order.result)
 
     def _commit_batch(self, batch: list[_Order]) -> None:
         """Commit ``batch``; every order gets a result, a failure included."""

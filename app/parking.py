@@ -1,0 +1,57 @@
+"""Parked requests: a sale waiting on the disk does not hold a worker thread.
+
+waitress answers each request on one of a fixed pool of worker threads (``--threads``). A
+durable sale waits for the fsync of its group commit; were its worker to wait with it, a
+batch could hold at most ``--threads`` orders and the workers would sit idle while the disk
+works. So a keyless ``POST /buy`` on a store that can defer
+(:class:`~app.inventory.DeferringStore`) is *parked*: before any WSGI work, the server
+offers the request to the app's hook (:meth:`app.hotpath.HotPath.park`), which reads the
+order and hands it to the store with a callback, and the worker moves on. The request stays
+first in its connection's line. When the commit is done, the callback queues the connection
+with waitress again, and a worker runs the request as usual, through the whole WSGI app,
+which finds the outcome waiting instead of selling. Every answer is still given only after
+the commit that holds its sale. Keyed requests are not parked: their key stays claimed
+until their sale is over (a retry meanwhile gets 409).
+
+This module is the contract between the two: the server makes a :class:`Parking` for the
+request, and puts it in the WSGI environ of the run that answers; the app offers its hook
+under :data:`PARK_EXTENSION`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from app.inventory import Outcome, Sale
+
+__all__ = ["ENVIRON_KEY", "PARK_EXTENSION", "Parking"]
+
+# Where the app offers its parking hook to the server: a key of the Flask app's extensions.
+PARK_EXTENSION = "ticketbooth.park"
+# The WSGI environ key under which a parked request's run that answers finds its Parking.
+ENVIRON_KEY = "ticketbooth.parking"
+
+
+class Parking:
+    """One request's parking ticket: when it started, and its outcome once there is one."""
+
+    __slots__ = ("_resume", "outcome", "started")
+
+    def __init__(self, resume: Callable[[], None]) -> None:
+        self._resume = resume
+        self.started = time.perf_counter()  # the request's start, across both runs
+        self.outcome: Outcome | None = None
+
+    def done(self, outcome: Outcome) -> None:
+        """The store's callback: keep the outcome, queue the request to run again."""
+        self.outcome = outcome
+        self._resume()
+
+    def result(self) -> Sale:
+        """The resumed request's sale, or the error the sale ended in."""
+        outcome = self.outcome
+        assert outcome is not None, "the request was not parked"
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
