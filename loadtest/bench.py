@@ -106,7 +106,6 @@ class ServerSpec:
     kind: str
     store: str = "memory"
     tickets: int = BIG_STOCK
-    threads: int | None = None  # waitress threads; None: the service's default (8)
 
 
 SERVERS: dict[str, ServerSpec] = {
@@ -122,8 +121,6 @@ SERVERS: dict[str, ServerSpec] = {
     "memory-keys": ServerSpec("service"),
     "sqlite-keys": ServerSpec("service", "sqlite:sqlite-keys"),
     "floor": ServerSpec("booth"),
-    "memory-32t": ServerSpec("service", threads=32),
-    "sqlite-32t": ServerSpec("service", "sqlite:sqlite-32t", threads=32),
 }
 
 
@@ -156,10 +153,6 @@ MEASUREMENTS: tuple[Measurement, ...] = (
                 keyed=True, note="a new key on every request"),
     Measurement("sqlite-keys", "POST /buy, SQLite, Idempotency-Key", ("sqlite-keys",),
                 keyed=True, note="a new key on every request"),
-    Measurement("memory-32t", "POST /buy, memory, --threads 32", ("memory-32t",),
-                note="report: the thread pool a SQLite deployment wants"),
-    Measurement("sqlite-32t", "POST /buy, SQLite, --threads 32", ("sqlite-32t",),
-                note="report: group-commit batches grow with the thread pool"),
     Measurement("p99-memory", "POST /buy, memory, half the peak rate", ("memory",),
                 tool="ticketbooth-load", half_peak_of="memory"),
     Measurement("p99-sqlite", "POST /buy, SQLite, half the peak rate", ("sqlite",),
@@ -190,10 +183,6 @@ CHECKS: tuple[CheckSpec, ...] = (
               "memory"),
     CheckSpec("sqlite-keys-vs-sqlite", "SQLite /buy with keys vs without", "sqlite-keys",
               "sqlite"),
-    CheckSpec("sqlite-vs-memory-32t", "SQLite /buy vs memory /buy, both --threads 32",
-              "sqlite-32t", "memory-32t"),
-    CheckSpec("sqlite-32t-vs-memory", "SQLite /buy at --threads 32 vs memory /buy (default)",
-              "sqlite-32t", "memory"),
     CheckSpec("p99-memory", "p99 at half the peak, memory", "p99-memory", target=P99_LIMIT_MS,
               floor="floor-memory"),
     CheckSpec("p99-sqlite", "p99 at half the peak, SQLite", "p99-sqlite", target=P99_LIMIT_MS,
@@ -320,10 +309,9 @@ def _server_command(spec: ServerSpec, work: Path, databases: dict[str, str]) -> 
         store = f"sqlite:///{work / (store.split(':', 1)[1] + '.db')}"
     elif store.startswith("postgres:"):
         store = databases[store]
-    threads = ["--threads", str(spec.threads)] if spec.threads else []
     return [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
             "--store", store, "--tickets", str(spec.tickets), "--access-log", "plain",
-            "--log-level", "info", *threads]
+            "--log-level", "info"]
 
 
 def _clean_env() -> None:
