@@ -6,8 +6,10 @@
   events logger, overlay storage), so nothing global on the machine changes.
 - No image registry can be reached, so the base image `python:3.11-slim` is made locally with
   debootstrap from the Debian mirror that apt is configured with, and imported under that name;
-  the Dockerfile stays the one users build elsewhere. It is cached in the podman storage of the
-  cache folder, labelled with the recipe it was made from.
+  the Dockerfile stays the one users build elsewhere. So is `debian:bookworm-slim`, on which
+  stand-ins for the other images compose.yaml names (postgres:15, nginx:1.27-alpine) are built
+  from the recipes in standins/. Each is cached in the podman storage of the cache folder,
+  labelled with the recipe it was made from.
 
 Run as a script to do only the install step: `python tests/container/podman_engine.py install`.
 """
@@ -69,6 +71,17 @@ PYTHON_BASE = BaseImage(
     packages=_PYTHON_PACKAGES,
     changes=("ENV LANG=C.UTF-8", 'CMD ["python3"]'),
     recipe_text=f"{BASE_SUITE} minbase {','.join(_PYTHON_PACKAGES)} no-externally-managed v1",
+)
+# The base of the stand-ins for postgres:15 and nginx (tests/container/standins/), as the real
+# images are built on debian:bookworm-slim.
+DEBIAN_BASE = BaseImage(
+    name="docker.io/library/debian:bookworm-slim",
+    packages=(),
+    changes=(
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        'CMD ["bash"]',
+    ),
+    recipe_text=f"{BASE_SUITE} minbase path v1",
 )
 
 # The host's CA bundle, mounted read-only into the build so pip there trusts what the host does.
@@ -472,6 +485,60 @@ def build_image(
         timeout=900,
     )
     return result.seconds
+
+
+# --------------------------------------------------------------------------- stand-in images
+
+STANDINS_DIR = Path(__file__).resolve().parent / "standins"
+STANDIN_RECIPE_LABEL = "org.ticketbooth.test.standin-recipe"
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """An official image that compose.yaml names, built here from the recipe in
+    standins/FOLDER (a Containerfile on a debootstrapped Debian) and tagged with its name."""
+
+    name: str
+    folder: str
+    base: BaseImage = DEBIAN_BASE
+
+    @property
+    def context(self) -> Path:
+        return STANDINS_DIR / self.folder
+
+    def recipe(self) -> str:
+        """A hash of the base's recipe and every file of the folder, modes included."""
+        digest = hashlib.sha256(self.base.recipe().encode())
+        for path in sorted(self.context.rglob("*")):
+            if path.is_file():
+                mode = path.stat().st_mode & 0o777
+                digest.update(f"\0{path.relative_to(self.context)}\0{mode:o}\0".encode())
+                digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+
+POSTGRES_STANDIN = StandIn("docker.io/library/postgres:15", "postgres")
+NGINX_STANDIN = StandIn("docker.io/library/nginx:1.27-alpine", "nginx")
+
+
+def ensure_standin(podman: Podman, standin: StandIn) -> tuple[str, float]:
+    """Build the stand-in (and its base) unless the cached one fits the recipe.
+
+    Returns ("cached" or "built", seconds), the base's making included.
+    """
+    started = time.perf_counter()
+    recipe = standin.recipe()
+    if podman.image_label(standin.name, STANDIN_RECIPE_LABEL) == recipe:
+        return "cached", time.perf_counter() - started
+    ensure_base_image(podman, standin.base)
+    log(f"building the stand-in {standin.name} from {standin.context.relative_to(REPO)}")
+    build_image(
+        podman, standin.name, standin.context, file="Containerfile",
+        labels={STANDIN_RECIPE_LABEL: recipe},
+    )  # fmt: skip
+    took = time.perf_counter() - started
+    log(f"stand-in {standin.name} built in {took:.1f} s")
+    return "built", took
 
 
 def free_port() -> int:
