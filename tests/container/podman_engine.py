@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 T = TypeVar("T")
 
-# Debian packages, keyed by a command each one provides.
+# Debian packages, keyed by a command each one provides (or its path, off the PATH).
 DEBIAN_PACKAGES = {
     "podman": "podman",
     "buildah": "buildah",
@@ -42,6 +42,10 @@ DEBIAN_PACKAGES = {
     "slirp4netns": "slirp4netns",
     "debootstrap": "debootstrap",
     "curl": "curl",
+    # Compose's networks: bridges with DNS between containers, published ports to loopback.
+    "/usr/lib/podman/netavark": "netavark",
+    "/usr/lib/podman/aardvark-dns": "aardvark-dns",
+    "iptables": "iptables",
 }
 
 BASE_SUITE = "bookworm"  # Debian 12, whose python3 is 3.11, as in the image's name.
