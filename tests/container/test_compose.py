@@ -17,6 +17,7 @@ podman 4.3. All traffic stays on the host's loopback and the compose network the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,7 +35,6 @@ from compose_project import ComposeProject, has_healthcheck, sweep_projects, wai
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1200)]
 
-PROJECT_PREFIX = "ticketbooth-compose-test-"
 STOCK = 1000  # TICKETBOOTH_TICKETS of the booth service in compose.yaml
 REPLICAS = 2  # deploy.replicas of the booth service
 BUYS = 40  # single purchases through nginx before the load test
@@ -64,11 +64,19 @@ def images(podman: engine.Podman, timings: engine.Timings) -> None:
         timings.seconds[f"stand-in {standin.name.rpartition('/')[2]} ({how})"] = seconds
 
 
+def project_prefix(podman: engine.Podman) -> str:
+    """The start of this checkout's project names. Podman keeps networks machine-wide, not in
+    the cache folder's storage: another checkout's test may be running on the same machine."""
+    checkout = hashlib.sha256(str(podman.cache).encode()).hexdigest()[:6]
+    return f"ticketbooth-compose-test-{checkout}-"
+
+
 @pytest.fixture
 def project(podman: engine.Podman, images: None) -> Iterator[ComposeProject]:
     """A compose project of its own name, its ports published on loopback only, on free ports
     (never 8000 or 8080). Whatever it made is removed afterwards, pass or fail."""
-    swept = sweep_projects(podman, PROJECT_PREFIX)  # left by a run that was killed
+    prefix = project_prefix(podman)
+    swept = sweep_projects(podman, prefix)  # left by a run of this checkout that was killed
     if swept:
         engine.log(f"removed projects left over by an earlier run: {' '.join(swept)}")
     single_port, nginx_port = engine.free_port(), engine.free_port()
@@ -76,7 +84,7 @@ def project(podman: engine.Podman, images: None) -> Iterator[ComposeProject]:
         nginx_port = engine.free_port()
     made = ComposeProject(
         podman,
-        name=f"{PROJECT_PREFIX}{os.getpid()}-{secrets.token_hex(3)}",
+        name=f"{prefix}{os.getpid()}-{secrets.token_hex(3)}",
         profiles=["scale-out"],
         variables={
             "TICKETBOOTH_HTTP_PORT": f"127.0.0.1:{single_port}",
