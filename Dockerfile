@@ -3,8 +3,8 @@
 #   docker build -t ticketbooth .        (or: podman build --format docker -t ticketbooth .)
 #   docker run -p 8000:8000 -v tickets:/data ticketbooth
 #
-# Stage 1 builds a wheel of the project and of everything it depends on;
-# stage 2 installs only those wheels on a fresh slim Python, with no build tools.
+# Stage 1 builds a wheel of the project and of everything it depends on, the PostgreSQL store's
+# driver included; stage 2 installs only those wheels on a fresh slim Python, with no build tools.
 
 FROM python:3.11-slim AS builder
 
@@ -16,7 +16,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY loadtest ./loadtest
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels '.[postgres]'
 
 
 FROM python:3.11-slim
@@ -30,8 +30,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # Only the wheels cross over: no compiler, no source tree, no pip cache.
 # (Not RUN --mount=from=builder: podman's buildah 1.28 reuses that step's cache even when
 # the builder's wheels changed, so a rebuild could ship stale code.)
+# /wheels holds exactly ticketbooth[postgres] and what it needs: install them all.
 COPY --from=builder /wheels /wheels
-RUN pip install --no-index --find-links=/wheels /wheels/ticketbooth-*.whl \
+RUN pip install --no-index --find-links=/wheels /wheels/*.whl \
     && rm -rf /wheels
 
 # The volume's folder must exist and belong to the service's user before VOLUME,

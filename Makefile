@@ -58,9 +58,9 @@ test: $(VENV)/.installed-test postgres-server browser-deps wrk
 browser-deps:
 	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-# The image, built and run for real with podman (tests/container). Needs root: podman and
-# friends come from Debian's packages when missing; podman's config, storage and the locally
-# made base image live in .cache/container/.
+# The image, built and run for real with podman, and compose.yaml's scale-out profile run with
+# podman-compose (tests/container). Needs root: podman and friends come from Debian's packages
+# when missing; podman's config, storage and the locally made images live in .cache/container/.
 container-deps:
 	$(PYTHON) tests/container/podman_engine.py install
 

@@ -6,8 +6,10 @@
   events logger, overlay storage), so nothing global on the machine changes.
 - No image registry can be reached, so the base image `python:3.11-slim` is made locally with
   debootstrap from the Debian mirror that apt is configured with, and imported under that name;
-  the Dockerfile stays the one users build elsewhere. It is cached in the podman storage of the
-  cache folder, labelled with the recipe it was made from.
+  the Dockerfile stays the one users build elsewhere. So is `debian:bookworm-slim`, on which
+  stand-ins for the other images compose.yaml names (postgres:15, nginx:1.27-alpine) are built
+  from the recipes in standins/. Each is cached in the podman storage of the cache folder,
+  labelled with the recipe it was made from.
 
 Run as a script to do only the install step: `python tests/container/podman_engine.py install`.
 """
@@ -21,13 +23,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Debian packages, keyed by a command each one provides.
+T = TypeVar("T")
+
+# Debian packages, keyed by a command each one provides (or its path, off the PATH).
 DEBIAN_PACKAGES = {
     "podman": "podman",
     "buildah": "buildah",
@@ -37,12 +42,51 @@ DEBIAN_PACKAGES = {
     "slirp4netns": "slirp4netns",
     "debootstrap": "debootstrap",
     "curl": "curl",
+    # Compose's networks: bridges with DNS between containers, published ports to loopback.
+    "/usr/lib/podman/netavark": "netavark",
+    "/usr/lib/podman/aardvark-dns": "aardvark-dns",
+    "iptables": "iptables",
 }
 
-BASE_IMAGE = "docker.io/library/python:3.11-slim"
 BASE_SUITE = "bookworm"  # Debian 12, whose python3 is 3.11, as in the image's name.
-BASE_PACKAGES = ("python3", "python3-pip", "python3-venv", "python-is-python3", "ca-certificates")
 BASE_RECIPE_LABEL = "org.ticketbooth.test.base-recipe"
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """An official base image, stood in for by a Debian root made with debootstrap."""
+
+    name: str
+    packages: tuple[str, ...]
+    changes: tuple[str, ...]  # `podman import --change` lines: the image's configuration
+    recipe_text: str  # what the cache label is a hash of; change it to remake the image
+
+    def recipe(self) -> str:
+        return hashlib.sha256(self.recipe_text.encode()).hexdigest()[:16]
+
+
+_PYTHON_PACKAGES = (
+    "python3", "python3-pip", "python3-venv", "python-is-python3", "ca-certificates",
+)  # fmt: skip
+# The Dockerfile's base. The real python:3.11-slim has a `python` command and lets pip install
+# into the system: python-is-python3, and no EXTERNALLY-MANAGED marker (removed below).
+PYTHON_BASE = BaseImage(
+    name="docker.io/library/python:3.11-slim",
+    packages=_PYTHON_PACKAGES,
+    changes=("ENV LANG=C.UTF-8", 'CMD ["python3"]'),
+    recipe_text=f"{BASE_SUITE} minbase {','.join(_PYTHON_PACKAGES)} no-externally-managed v1",
+)
+# The base of the stand-ins for postgres:15 and nginx (tests/container/standins/), as the real
+# images are built on debian:bookworm-slim.
+DEBIAN_BASE = BaseImage(
+    name="docker.io/library/debian:bookworm-slim",
+    packages=(),
+    changes=(
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        'CMD ["bash"]',
+    ),
+    recipe_text=f"{BASE_SUITE} minbase path v1",
+)
 
 # The host's CA bundle, mounted read-only into the build so pip there trusts what the host does.
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -50,11 +94,24 @@ CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 APT_SOURCES_DIR = Path("/etc/apt/sources.list.d")
 APT_SOURCES_LIST = Path("/etc/apt/sources.list")
 
-SUPPRESSED_NOISE = "unable to get systemd connection"
+# Podman's complaints, on a machine without systemd or syslog, that change nothing.
+SUPPRESSED_NOISE = ("unable to get systemd connection", "failed to connect to syslog")
 
 
 class EngineUnavailable(RuntimeError):
     """No working container engine could be had; the reason is the message."""
+
+
+def or_fail(headline: str, step: Callable[[], T]) -> T:
+    """Run a set-up step of a test; when no engine can do it, fail the test loudly with the
+    reason (never skip)."""
+    import pytest  # only the tests use this; the install script runs without pytest
+
+    try:
+        return step()
+    except EngineUnavailable as exc:
+        reason = str(exc)
+    pytest.fail(f"{headline}: {reason}", pytrace=False)  # outside except: no chained trace
 
 
 def log(message: str) -> None:
@@ -181,6 +238,41 @@ class CommandFailed(AssertionError):
 
 
 @dataclass
+class Timings:
+    """What a container test measured: durations, and figures worth showing."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def run_command(
+    argv: Sequence[str | os.PathLike[str]],
+    env: Mapping[str, str],
+    timeout: float = 120,
+    check: bool = True,
+    cwd: Path | None = None,
+) -> Result:
+    """Run a command of the container tools, bounded in time; CommandFailed when it fails
+    (with check) or times out. Podman's harmless complaints are left out of stderr."""
+    args = [str(arg) for arg in argv]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(f"$ {' '.join(args)}\ntimed out after {timeout:.0f} s") from exc
+    stderr = "\n".join(
+        line for line in proc.stderr.splitlines()
+        if not any(noise in line for noise in SUPPRESSED_NOISE)
+    )
+    result = Result(args, proc.returncode, proc.stdout, stderr, time.perf_counter() - started)
+    if check and proc.returncode != 0:
+        raise CommandFailed(result.describe())
+    return result
+
+
+@dataclass
 class Podman:
     env: dict[str, str]
     cache: Path
@@ -191,21 +283,7 @@ class Podman:
         timeout: float = 120,
         check: bool = True,
     ) -> Result:
-        argv = ["podman", *map(str, args)]
-        started = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                argv, env=self.env, capture_output=True, text=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise CommandFailed(f"$ {' '.join(argv)}\ntimed out after {timeout:.0f} s") from exc
-        stderr = "\n".join(
-            line for line in proc.stderr.splitlines() if SUPPRESSED_NOISE not in line
-        )
-        result = Result(argv, proc.returncode, proc.stdout, stderr, time.perf_counter() - started)
-        if check and proc.returncode != 0:
-            raise CommandFailed(result.describe())
-        return result
+        return run_command(["podman", *args], self.env, timeout=timeout, check=check)
 
     def inspect(self, name: str, template: str) -> str:
         return self.run("inspect", "--format", template, name).stdout.strip()
@@ -302,11 +380,6 @@ def debian_mirror() -> str:
     )
 
 
-def base_recipe() -> str:
-    text = f"{BASE_SUITE} minbase {','.join(BASE_PACKAGES)} no-externally-managed v1"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _unmount_below(path: Path) -> None:
     """debootstrap mounts /proc and friends inside the root; never delete through a mount."""
     prefix = str(path.resolve())
@@ -325,29 +398,29 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def ensure_base_image(podman: Podman) -> tuple[str, float]:
-    """Make `python:3.11-slim` from Debian's packages unless the cached one fits the recipe.
+def ensure_base_image(podman: Podman, base: BaseImage = PYTHON_BASE) -> tuple[str, float]:
+    """Make `base` from Debian's packages unless the cached one fits its recipe.
 
     Returns ("cached" or "built", seconds).
     """
     started = time.perf_counter()
-    recipe = base_recipe()
-    if podman.image_label(BASE_IMAGE, BASE_RECIPE_LABEL) == recipe:
+    recipe = base.recipe()
+    if podman.image_label(base.name, BASE_RECIPE_LABEL) == recipe:
         return "cached", time.perf_counter() - started
 
     mirror = debian_mirror()
-    work = podman.cache / "base"
+    work = podman.cache / f"base-{recipe}"
     rootfs = work / "rootfs"
     tarball = work / "rootfs.tar"
     _remove_tree(work)
     work.mkdir(parents=True)
-    log(f"making the base image {BASE_IMAGE} with debootstrap ({BASE_SUITE}; about a minute)")
+    log(f"making the base image {base.name} with debootstrap ({BASE_SUITE}; about a minute)")
     try:
         proc = subprocess.run(
             [
                 "debootstrap",
                 "--variant=minbase",
-                f"--include={','.join(BASE_PACKAGES)}",
+                *([f"--include={','.join(base.packages)}"] if base.packages else []),
                 BASE_SUITE,
                 str(rootfs),
                 mirror,
@@ -372,15 +445,14 @@ def ensure_base_image(podman: Podman) -> tuple[str, float]:
             check=True,
             timeout=300,
         )
+        changes = [f"LABEL {BASE_RECIPE_LABEL}={recipe}", *base.changes]
         podman.run(
             "import",
-            "--change", f"LABEL {BASE_RECIPE_LABEL}={recipe}",
-            "--change", "ENV LANG=C.UTF-8",
-            "--change", 'CMD ["python3"]',
+            *[arg for change in changes for arg in ("--change", change)],
             tarball,
-            BASE_IMAGE,
+            base.name,
             timeout=600,
-        )  # fmt: skip
+        )
     finally:
         _remove_tree(work)
     took = time.perf_counter() - started
@@ -391,20 +463,86 @@ def ensure_base_image(podman: Podman) -> tuple[str, float]:
 # --------------------------------------------------------------------------- build and run
 
 
-def build_image(podman: Podman, tag: str, context: Path = REPO) -> float:
-    """`podman build` the project's Dockerfile as a user would, on the host network."""
-    args: list[str | os.PathLike[str]] = [
-        "build",
+def build_args() -> list[str]:
+    """The `podman build` options that build here as a user's build does elsewhere."""
+    args = [
         "--format", "docker",  # HEALTHCHECK is kept only in the docker format
-        "--network", "host",
-        "--pull=never",  # no registry: the base image is the local one
-        "--tag", tag,
-        "--file", context / "Dockerfile",
+        "--network", "host",  # pip and apt reach their registries from the host's network
+        "--pull=never",  # no registry: base images are the local ones
     ]  # fmt: skip
     if CA_BUNDLE.is_file():
         args += ["--volume", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
-    result = podman.run(*args, context, timeout=900)
+    return args
+
+
+def build_image(
+    podman: Podman,
+    tag: str,
+    context: Path = REPO,
+    file: str = "Dockerfile",
+    labels: Mapping[str, str] | None = None,
+) -> float:
+    """`podman build` a Dockerfile (the project's by default) as a user would."""
+    label_args = [f"--label={key}={value}" for key, value in (labels or {}).items()]
+    result = podman.run(
+        "build", *build_args(), *label_args, "--tag", tag, "--file", context / file, context,
+        timeout=900,
+    )
     return result.seconds
+
+
+# --------------------------------------------------------------------------- stand-in images
+
+STANDINS_DIR = Path(__file__).resolve().parent / "standins"
+STANDIN_RECIPE_LABEL = "org.ticketbooth.test.standin-recipe"
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """An official image that compose.yaml names, built here from the recipe in
+    standins/FOLDER (a Containerfile on a debootstrapped Debian) and tagged with its name."""
+
+    name: str
+    folder: str
+    base: BaseImage = DEBIAN_BASE
+
+    @property
+    def context(self) -> Path:
+        return STANDINS_DIR / self.folder
+
+    def recipe(self) -> str:
+        """A hash of the base's recipe and every file of the folder, modes included."""
+        digest = hashlib.sha256(self.base.recipe().encode())
+        for path in sorted(self.context.rglob("*")):
+            if path.is_file():
+                mode = path.stat().st_mode & 0o777
+                digest.update(f"\0{path.relative_to(self.context)}\0{mode:o}\0".encode())
+                digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+
+POSTGRES_STANDIN = StandIn("docker.io/library/postgres:15", "postgres")
+NGINX_STANDIN = StandIn("docker.io/library/nginx:1.27-alpine", "nginx")
+
+
+def ensure_standin(podman: Podman, standin: StandIn) -> tuple[str, float]:
+    """Build the stand-in (and its base) unless the cached one fits the recipe.
+
+    Returns ("cached" or "built", seconds), the base's making included.
+    """
+    started = time.perf_counter()
+    recipe = standin.recipe()
+    if podman.image_label(standin.name, STANDIN_RECIPE_LABEL) == recipe:
+        return "cached", time.perf_counter() - started
+    ensure_base_image(podman, standin.base)
+    log(f"building the stand-in {standin.name} from {standin.context.relative_to(REPO)}")
+    build_image(
+        podman, standin.name, standin.context, file="Containerfile",
+        labels={STANDIN_RECIPE_LABEL: recipe},
+    )  # fmt: skip
+    took = time.perf_counter() - started
+    log(f"stand-in {standin.name} built in {took:.1f} s")
+    return "built", took
 
 
 def free_port() -> int:

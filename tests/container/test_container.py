@@ -16,10 +16,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import podman_engine as engine
 import pytest
@@ -34,61 +34,17 @@ STOP_BUDGET = 5.0  # "well under" the grace period
 LISTENING = "ticketbooth listening on http://0.0.0.0:{port}"
 
 
-@dataclass
-class Timings:
-    seconds: dict[str, float] = field(default_factory=dict)
-    notes: dict[str, str] = field(default_factory=dict)
-
-
 @pytest.fixture(scope="module")
-def timings(container_summary: list[str]) -> Iterator[Timings]:
-    """Measured durations, shown at the end of the run and kept in test-artifacts/."""
-    found = Timings()
-    started = time.perf_counter()
-    yield found
-    found.seconds["module total"] = time.perf_counter() - started
-    lines = [f"{key}: {value:.2f} s" for key, value in found.seconds.items()]
-    lines += [f"{key}: {value}" for key, value in found.notes.items()]
-    container_summary.extend(lines)
-    out = engine.REPO / "test-artifacts"
-    out.mkdir(exist_ok=True)
-    (out / "container-timings.json").write_text(
-        json.dumps({"seconds": found.seconds, "notes": found.notes}, indent=2) + "\n"
-    )
-
-
-T = TypeVar("T")
-
-
-def _or_fail(headline: str, step: Callable[[], T]) -> T:
-    """Run a set-up step; when no engine can do it, fail loudly (never skip)."""
-    try:
-        return step()
-    except engine.EngineUnavailable as exc:
-        reason = str(exc)
-    pytest.fail(f"{headline}: {reason}", pytrace=False)  # outside except: no chained trace
-
-
-@pytest.fixture(scope="module")
-def podman(timings: Timings) -> Iterator[engine.Podman]:
-    started = time.perf_counter()
-    installed = _or_fail("NO CONTAINER ENGINE, the image cannot be tested", engine.ensure_tools)
-    session = _or_fail("NO CONTAINER ENGINE, the image cannot be tested", engine.podman_session)
-    if installed:
-        timings.seconds["install podman & co from Debian"] = installed
-    timings.seconds["podman ready"] = time.perf_counter() - started
-    engine.remove_labelled(session, TEST_LABEL)  # left over by a run that was killed
-    yield session
-    engine.remove_labelled(session, TEST_LABEL)
-
-
-@pytest.fixture(scope="module")
-def image(podman: engine.Podman, timings: Timings) -> str:
-    how, seconds = _or_fail("NO BASE IMAGE, the image cannot be built",
-                            lambda: engine.ensure_base_image(podman))
+def image(podman: engine.Podman, timings: engine.Timings) -> Iterator[str]:
+    """The image, built; what this module's containers left is removed before (from a run that
+    was killed) and after."""
+    engine.remove_labelled(podman, TEST_LABEL)
+    how, seconds = engine.or_fail("NO BASE IMAGE, the image cannot be built",
+                                  lambda: engine.ensure_base_image(podman))
     timings.seconds[f"base image python:3.11-slim ({how})"] = seconds
     timings.seconds["podman build"] = engine.build_image(podman, TAG)
-    return TAG
+    yield TAG
+    engine.remove_labelled(podman, TEST_LABEL)
 
 
 @dataclass
@@ -138,7 +94,7 @@ def get(port: int, path: str) -> requests.Response:
 
 
 def wait_serving(
-    podman: engine.Podman, name: str, port: int, starts: int, timings: Timings, key: str
+    podman: engine.Podman, name: str, port: int, starts: int, timings: engine.Timings, key: str
 ) -> None:
     started = time.perf_counter()
     engine.wait_for_log(podman, name, LISTENING.format(port=port), occurrences=starts)
@@ -178,7 +134,7 @@ def test_image_is_configured_as_documented(podman: engine.Podman, image: str) ->
 
 
 def test_container_serves_keeps_sales_and_stops_cleanly(
-    podman: engine.Podman, image: str, names: Names, timings: Timings
+    podman: engine.Podman, image: str, names: Names, timings: engine.Timings
 ) -> None:
     port = engine.free_port()
     name = names.container
