@@ -41,6 +41,7 @@ def _serve(settings: Settings) -> int:
     if settings.store == "unsafe-memory" and settings.allow_unsafe:
         log.warning("UNSAFE STORE: --store unsafe-memory sells without a lock and WILL "
                     "oversell and hand out duplicate tickets. For demonstrations only.")
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
     store = open_store(settings)
     try:
         server = Server(settings, create_app(settings, store))

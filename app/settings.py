@@ -76,6 +76,11 @@ class Settings:
                                 "a flag shows in the process list.", secret=True)
     access_log: str = _setting("plain", "One line per request on stderr: plain, json, or off.",
                                choices=("plain", "json", "off"))
+    switch_interval_ms: float = _setting(1.0, "How long, in milliseconds, a thread may keep "
+                                         "Python's GIL while another waits for it "
+                                         "(sys.setswitchinterval; Python's own default is 5). "
+                                         "Shorter cuts tail latency when threads compete.",
+                                         minimum=0.05, maximum=100)
     log_level: str = _setting("info", "Least severe log level shown: debug, info, warning, "
                               "error.", choices=("debug", "info", "warning", "error"))
 
