@@ -77,11 +77,12 @@ class HotPath:
              body: BinaryIO, parking: Parking) -> bool:
         """Hand a keyless ``POST /buy`` to the store without waiting (see app.parking).
 
-        Called by the server before any WSGI work, with the request line's parts, the
-        headers as waitress keeps them (``CONTENT_TYPE``, ``IDEMPOTENCY_KEY``) and the body.
-        True when the order is handed over: the request is to run again once ``parking``
-        has its outcome. False for any other request, and for one with bad input or a store
-        that cannot take it now; it then runs as usual and gets its answer there.
+        Called by the server (on its event loop, so it never blocks) before any WSGI work,
+        with the request line's parts, the headers as waitress keeps them (``CONTENT_TYPE``,
+        ``IDEMPOTENCY_KEY``) and the body. True when the order is handed over: the request
+        is to run again once ``parking`` has its outcome. False for any other request, and
+        for one with bad input or a store that cannot take it now; it then runs as usual and
+        gets its answer there.
         """
         if path != "/buy" or method != "POST" or "IDEMPOTENCY_KEY" in headers:
             return False

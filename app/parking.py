@@ -4,14 +4,15 @@ waitress answers each request on one of a fixed pool of worker threads (``--thre
 durable sale waits for the fsync of its group commit; were its worker to wait with it, a
 batch could hold at most ``--threads`` orders and the workers would sit idle while the disk
 works. So a keyless ``POST /buy`` on a store that can defer
-(:class:`~app.inventory.DeferringStore`) is *parked*: before any WSGI work, the server
-offers the request to the app's hook (:meth:`app.hotpath.HotPath.park`), which reads the
-order and hands it to the store with a callback, and the worker moves on. The request stays
-first in its connection's line. When the commit is done, the callback queues the connection
-with waitress again, and a worker runs the request as usual, through the whole WSGI app,
-which finds the outcome waiting instead of selling. Every answer is still given only after
-the commit that holds its sale. Keyed requests are not parked: their key stays claimed
-until their sale is over (a retry meanwhile gets 409).
+(:class:`~app.inventory.DeferringStore`) is *parked*: where waitress would queue the request
+for a worker (on the event loop's thread, as soon as the request is read), the server
+offers it to the app's hook (:meth:`app.hotpath.HotPath.park`) instead, which reads the
+order and hands it to the store with a callback; no worker takes a turn for it. The request
+stays first in its connection's line. When the commit is done, the callback queues the
+connection with waitress's workers, and a worker runs the request as usual, through the
+whole WSGI app, which finds the outcome waiting instead of selling. Every answer is still
+given only after the commit that holds its sale. Keyed requests are not parked: their key
+stays claimed until their sale is over (a retry meanwhile gets 409).
 
 This module is the contract between the two: the server makes a :class:`Parking` for the
 request, and puts it in the WSGI environ of the run that answers; the app offers its hook

@@ -57,20 +57,34 @@ class _Channel(HTTPChannel):
 
     task_class = _Task
 
-    def service(self) -> None:
-        requests = self.requests
-        if not requests:  # closed while its request was parked
-            return
-        request = requests[0]
+    def park_first(self) -> bool:
+        """Offer the first request in line to the app's parking hook; True when it is parked.
+
+        Called where waitress would queue the channel for a worker: on the event loop's
+        thread as soon as a request is read, or on a worker for the next request in line.
+        """
         park = self.server.ticketbooth_park
-        if (park is not None and not request.error
-                and getattr(request, "ticketbooth_parking", None) is None):
-            # Set before the hand-over: the outcome may queue this channel again at once.
-            parking = request.ticketbooth_parking = Parking(lambda: self.server.add_task(self))
-            if park(request.command, request.path, request.query, request.headers,
-                    request.get_body_stream(), parking):
-                return  # the request stays first in line until its run that answers
+        request = self.requests[0]
+        if (park is None or request.error
+                or getattr(request, "ticketbooth_parking", None) is not None):
+            return False
+        # Set before the hand-over: the outcome may queue this channel again at once. It is
+        # queued with the dispatcher itself, for a worker to run it through the app.
+        dispatcher = self.server.task_dispatcher
+        parking = request.ticketbooth_parking = Parking(lambda: dispatcher.add_task(self))
+        try:
+            parked = park(request.command, request.path, request.query, request.headers,
+                          request.get_body_stream(), parking)
+        except Exception:  # the run that answers reports it; the event loop goes on
+            log.exception("parking %s %s failed", request.command, request.path)
+            parked = False
+        if not parked:
             request.ticketbooth_parking = None
+        return parked
+
+    def service(self) -> None:
+        if not self.requests:  # closed while its request was parked
+            return
         super().service()
 
     def writable(self) -> bool:
@@ -104,8 +118,18 @@ class Server:
         )
 
         self._server.channel_class = _Channel
-        # The app's parking hook (app.parking), when its store defers sales.
-        self._server.ticketbooth_park = getattr(app, "extensions", {}).get(PARK_EXTENSION)
+        # The app's parking hook (app.parking), when its store defers sales. A request that
+        # can be parked is parked where waitress would queue it for a worker, so it costs
+        # no worker a turn until its outcome is known.
+        park = self._server.ticketbooth_park = getattr(app, "extensions", {}).get(PARK_EXTENSION)
+        if park is not None:
+            dispatcher = self._server.task_dispatcher
+
+            def add_task(task: Any) -> None:
+                if not (isinstance(task, _Channel) and task.park_first()):
+                    dispatcher.add_task(task)
+
+            self._server.add_task = add_task
 
     @property
     def url(self) -> str:
