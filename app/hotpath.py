@@ -101,11 +101,14 @@ class HotPath:
 
     def _buy(self, environ: dict[str, Any]) -> tuple[int, Headers, bytes]:
         parking: Parking | None = environ.get(ENVIRON_KEY)
-        quantity, key = self._order(environ.get("QUERY_STRING", ""),
-                                    environ.get("CONTENT_TYPE", ""),
-                                    environ.get("CONTENT_LENGTH"), environ["wsgi.input"],
-                                    environ.get("HTTP_IDEMPOTENCY_KEY"))
-        sale = self.booth.buy(quantity, key) if parking is None else parking.result()
+        if parking is not None:  # read when it was parked; sold since
+            sale = parking.result()
+        else:
+            quantity, key = self._order(environ.get("QUERY_STRING", ""),
+                                        environ.get("CONTENT_TYPE", ""),
+                                        environ.get("CONTENT_LENGTH"), environ["wsgi.input"],
+                                        environ.get("HTTP_IDEMPOTENCY_KEY"))
+            sale = self.booth.buy(quantity, key)
         if sale.replayed:
             return 200, list(_REPLAYED), _sale_body(sale)
         self.telemetry.sold(len(sale.serials))
