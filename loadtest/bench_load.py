@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from loadtest.bench_procs import BenchError, Pinning
+from loadtest.booths import PURCHASE_CONTENT_TYPE, purchase_body
 
 __all__ = ["NoAnswer", "Run", "run_ticketbooth_load", "run_wrk", "write_wrk_script", "wrk_version"]
 
@@ -39,6 +40,11 @@ wrk.method = "POST"
 local ports = {%(ports)s}
 local threads = 0
 local keyed = %(keyed)s
+local body = %(body)s
+if body then
+  wrk.body = body
+  wrk.headers["Content-Type"] = %(content_type)s
+end
 
 function setup(thread)
   threads = threads + 1
@@ -58,7 +64,11 @@ end
 function request()
   if keyed then
     counter = counter + 1
-    return wrk.format(nil, nil, {["Idempotency-Key"] = nonce .. "-" .. id .. "-" .. counter})
+    local headers = {["Idempotency-Key"] = nonce .. "-" .. id .. "-" .. counter}
+    if body then
+      headers["Content-Type"] = wrk.headers["Content-Type"]
+    end
+    return wrk.format(nil, nil, headers)
   end
   return wrk.format()
 end
@@ -143,9 +153,18 @@ def wrk_version() -> str:
     return text[0] if text else "wrk (unknown version)"
 
 
-def write_wrk_script(path: Path, ports: Sequence[int], *, keyed: bool) -> Path:
+def _lua_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string of printable ASCII is a Lua string too
+
+
+def write_wrk_script(path: Path, ports: Sequence[int], *, keyed: bool,
+                     as_booths: bool = False) -> Path:
+    """wrk's script: POST with no body, or (``as_booths``) the request a booth sends."""
+    body = _lua_string(purchase_body(1).decode()) if as_booths else "nil"
     path.write_text(_WRK_SCRIPT % {"ports": ", ".join(str(p) for p in ports),
                                    "keyed": "true" if keyed else "false",
+                                   "body": body,
+                                   "content_type": _lua_string(PURCHASE_CONTENT_TYPE),
                                    "marker": _RESULT}, encoding="utf-8")
     return path
 
@@ -159,15 +178,16 @@ def _port(url: str) -> int:
 
 def run_wrk(urls: Sequence[str], *, duration: float, connections: int, pinning: Pinning,
             script_dir: Path, path: str = "/buy", keyed: bool = False,
-            nonce: str = "x", allow_empty: bool = False) -> Run:
+            as_booths: bool = False, nonce: str = "x", allow_empty: bool = False) -> Run:
     """Closed loop: ``connections`` connections, each sending as soon as it has its answer."""
     if connections % WRK_THREADS or (connections // WRK_THREADS) < 1:
         raise BenchError(f"--connections must be a multiple of {WRK_THREADS}")
     if WRK_THREADS % len(urls):
         raise BenchError(f"wrk's {WRK_THREADS} threads cannot be split over {len(urls)} URLs")
     ports = [_port(u) for u in urls]
-    name = f"wrk-{'-'.join(map(str, ports))}{'-keyed' if keyed else ''}.lua"
-    script = write_wrk_script(script_dir / name, ports, keyed=keyed)
+    name = (f"wrk-{'-'.join(map(str, ports))}{'-keyed' if keyed else ''}"
+            f"{'-as-booths' if as_booths else ''}.lua")
+    script = write_wrk_script(script_dir / name, ports, keyed=keyed, as_booths=as_booths)
     seconds = max(1, math.ceil(duration))
     command = pinning.load(["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s",
                             "--timeout", "10s", "-s", str(script), urls[0] + path,

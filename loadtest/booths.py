@@ -192,6 +192,15 @@ def _as_urllib3_error(exc: BaseException) -> BaseException:
     return urllib3.exceptions.ProtocolError("Connection aborted.", exc)
 
 
+# What a booth sends: POST /buy with this body and Content-Type (the bench makes wrk send
+# the same, to compare the two generators on the same work for the server).
+PURCHASE_CONTENT_TYPE = "application/json"
+
+
+def purchase_body(quantity: int) -> bytes:
+    return json.dumps({"quantity": quantity}).encode()
+
+
 class _Booth:
     def __init__(self, index: int, url: str, control: _Control) -> None:
         plan = control.plan
@@ -202,9 +211,9 @@ class _Booth:
         self.last_done = -math.inf  # when this booth's last answer (or failure) came
         self.finished_at = 0.0
         self.session = requests.Session()
-        body = json.dumps({"quantity": plan.quantity}).encode()
+        body = purchase_body(plan.quantity)
         request = requests.Request("POST", url.rstrip("/") + "/buy", data=body,
-                                   headers={"Content-Type": "application/json"})
+                                   headers={"Content-Type": PURCHASE_CONTENT_TYPE})
         prepared = self.session.prepare_request(request)
         target = prepared.url or url
         # The adapter's pool for this URL, with the TLS settings the adapter would use.
@@ -218,7 +227,7 @@ class _Booth:
         self.conn.timeout = plan.timeout  # connect, and every read and write after
         self.path = prepared.path_url
         self.host = urllib3.util.parse_url(target).netloc or ""
-        self.content_type = "application/json"
+        self.content_type = PURCHASE_CONTENT_TYPE
         self.body = body
         self.content_length = str(len(body))
 

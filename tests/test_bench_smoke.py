@@ -8,17 +8,21 @@ test fails with that reason rather than skipping.
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from loadtest.bench import CHECKS, SMOKE, run
-from loadtest.bench_load import Run, write_wrk_script
+from loadtest.bench_load import Run, run_wrk, write_wrk_script
+from loadtest.bench_procs import detect_pinning
 from loadtest.bench_report import CheckSpec, Measured, evaluate
+from loadtest.booths import PURCHASE_CONTENT_TYPE, purchase_body
 
 RUN_FIELDS = {"tool", "requests", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms",
               "errors", "non_2xx", "server_cpu", "load_cpu", "foreign_cpu", "retries"}
@@ -95,6 +99,44 @@ def test_wrk_script_spreads_threads_over_ports(tmp_path: Path) -> None:
     assert "local ports = {8001, 8002}" in script
     assert "local keyed = true" in script
     assert "%%" not in script
+
+
+@pytest.mark.timeout(60)
+def test_wrk_as_booths_sends_the_request_a_booth_sends(tmp_path: Path) -> None:
+    """The generator comparison is fair only if wrk sends what ticketbooth-load sends."""
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed: `make test` installs it", pytrace=False)
+    seen: list[tuple[str, str | None, bytes]] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            seen.append((self.path, self.headers.get("Content-Type"), self.rfile.read(length)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder) as recorder:
+        threading.Thread(target=recorder.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{recorder.server_address[1]}"
+            plain = run_wrk([url], duration=1, connections=2, pinning=detect_pinning(False),
+                            script_dir=tmp_path)
+            as_booths = run_wrk([url], duration=1, connections=2,
+                                pinning=detect_pinning(False), script_dir=tmp_path,
+                                as_booths=True)
+        finally:
+            recorder.shutdown()
+    assert plain.requests > 0 and as_booths.requests > 0
+    assert ("/buy", None, b"") in seen  # the plain run: an empty POST
+    assert ("/buy", PURCHASE_CONTENT_TYPE, purchase_body(1)) in seen
+    assert set(seen) == {("/buy", None, b""),
+                                         ("/buy", PURCHASE_CONTENT_TYPE, purchase_body(1))}
 
 
 def test_an_open_loop_that_fell_behind_its_rate_is_no_verdict() -> None:
