@@ -92,7 +92,7 @@ class HotPath:
         except Exception:
             return False
         finally:
-            body.seek(0)  # the run that answers reads the body again
+            body.seek(0)  # a request left unparked reads its body again when it runs
         try:
             self.booth.buy_later(quantity, parking.done)
         except TicketboothError:  # a bad quantity, a closed store: answered as usual
