@@ -42,7 +42,7 @@ class Settings:
     host: str = _setting("127.0.0.1", "Interface to listen on (0.0.0.0 for every interface).")
     port: int = _setting(8000, "TCP port to listen on; 0 picks a free port.",
                          minimum=0, maximum=65535)
-    threads: int = _setting(8, "Worker threads in waitress's pool.", minimum=1, maximum=1024)
+    threads: int = _setting(4, "Worker threads in waitress's pool.", minimum=1, maximum=1024)
     tickets: int = _setting(100, "Stock of tickets (serials 1..N) when a store is created.",
                             minimum=0, maximum=10**12)
     max_per_request: int = _setting(10, "Most tickets one POST /buy may buy.",

@@ -203,7 +203,7 @@ METHOD_NOTES = (
     "Figures are medians over the repetitions (requests/s, p50 and p99 each on its own); "
     "ratios are ratios of medians from this one run. Repetitions are interleaved across "
     "measurements, after one warm-up run per server.",
-    "Every service runs `ticketbooth serve` with its defaults: 8 waitress threads, the plain "
+    "Every service runs `ticketbooth serve` with its defaults: 4 waitress threads, the plain "
     "access log (stderr, to a file in OUT/logs/), Prometheus metrics, idempotency support; "
     "requests carry no Idempotency-Key except in the *-keys rows.",
     "stock-100 sells its 100 tickets in the first milliseconds of its warm-up, so what is "

@@ -3,7 +3,7 @@
 ``python -m loadtest.bench_hello wsgi|flask [--port 0]`` serves one of them and prints
 ``hello listening on http://127.0.0.1:PORT``. Both are served by the service's own
 :class:`app.server.Server` with default :class:`app.settings.Settings`, so waitress runs
-with exactly the service's settings (8 threads, connection limit, channel timeout, body
+with exactly the service's settings (4 threads, connection limit, channel timeout, body
 limit, the same event loop) and cannot drift from them. This is the one bench module that
 imports ``app``; it runs only in its own subprocess.
 

@@ -23,7 +23,7 @@ def test_defaults() -> None:
     settings = settings_from([], {})
     assert settings == Settings()
     assert (settings.host, settings.port, settings.threads, settings.tickets) == (
-        "127.0.0.1", 8000, 8, 100)
+        "127.0.0.1", 8000, 4, 100)
     assert (settings.max_per_request, settings.max_body_bytes, settings.store) == (
         10, 1024, "memory")
 
