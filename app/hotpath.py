@@ -74,15 +74,16 @@ class HotPath:
         return [b"" if method == "HEAD" else body]
 
     def park(self, method: str, path: str, query: str, headers: Mapping[str, str],
-             body: BinaryIO, parking: Parking) -> bool:
+             body: BinaryIO, parking: Callable[[], Parking]) -> bool:
         """Hand a keyless ``POST /buy`` to the store without waiting (see app.parking).
 
         Called by the server (on its event loop, so it never blocks) before any WSGI work,
         with the request line's parts, the headers as waitress keeps them (``CONTENT_TYPE``,
-        ``IDEMPOTENCY_KEY``) and the body. True when the order is handed over: the request
-        is to run again once ``parking`` has its outcome. False for any other request, and
-        for one with bad input or a store that cannot take it now; it then runs as usual and
-        gets its answer there.
+        ``IDEMPOTENCY_KEY``) and the body, and ``parking``, which makes the request's
+        :class:`Parking` (called only once the request is to be parked). True when the order
+        is handed over: the request is to run again once its parking has the outcome. False
+        for any other request, and for one with bad input or a store that cannot take it
+        now; it then runs as usual and gets its answer there.
         """
         if path != "/buy" or method != "POST" or "IDEMPOTENCY_KEY" in headers:
             return False
@@ -94,7 +95,7 @@ class HotPath:
         finally:
             body.seek(0)  # a request left unparked reads its body again when it runs
         try:
-            self.booth.buy_later(quantity, parking.done)
+            self.booth.buy_later(quantity, parking().done)
         except TicketboothError:  # a bad quantity, a closed store: answered as usual
             return False
         return True

@@ -14,9 +14,10 @@ whole WSGI app, which finds the outcome waiting instead of selling. Every answer
 given only after the commit that holds its sale. Keyed requests are not parked: their key
 stays claimed until their sale is over (a retry meanwhile gets 409).
 
-This module is the contract between the two: the server makes a :class:`Parking` for the
-request, and puts it in the WSGI environ of the run that answers; the app offers its hook
-under :data:`PARK_EXTENSION`.
+This module is the contract between the two: the app offers its hook under
+:data:`PARK_EXTENSION`; the server gives the hook a way to make the request's
+:class:`Parking` (the hook makes it only for a request it parks), and puts it in the WSGI
+environ of the run that answers.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Parking:
 
     def __init__(self, resume: Callable[[], None]) -> None:
         self._resume = resume
-        self.started = time.perf_counter()  # the request's start, across both runs
+        self.started = time.perf_counter()  # when it was parked: its timing spans both runs
         self.outcome: Outcome | None = None
 
     def done(self, outcome: Outcome) -> None:

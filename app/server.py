@@ -68,10 +68,15 @@ class _Channel(HTTPChannel):
         if (park is None or request.error
                 or getattr(request, "ticketbooth_parking", None) is not None):
             return False
-        # Set before the hand-over: the outcome may queue this channel again at once. It is
-        # queued with the dispatcher itself, for a worker to run it through the app.
         dispatcher = self.server.task_dispatcher
-        parking = request.ticketbooth_parking = Parking(lambda: dispatcher.add_task(self))
+
+        def parking() -> Parking:
+            # Made only for a request the hook parks, and set on it before the hand-over:
+            # the outcome may queue this channel again at once. It is queued with the
+            # dispatcher itself, for a worker to run it through the app.
+            made = request.ticketbooth_parking = Parking(lambda: dispatcher.add_task(self))
+            return made
+
         try:
             parked = park(request.command, request.path, request.query, request.headers,
                           request.get_body_stream(), parking)
