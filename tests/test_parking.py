@@ -123,8 +123,8 @@ def test_sell_later_tells_the_outcome_once_it_is_committed(tmp_path: Path) -> No
         told.release()
 
     try:
-        store.sell_later(2, done)
-        store.sell_later(2, done)  # only 1 left after the first
+        store.sell_later(2, None, done)
+        store.sell_later(2, None, done)  # only 1 left after the first
         for _ in range(2):
             assert told.acquire(timeout=10)
         first, second = outcomes
@@ -135,4 +135,4 @@ def test_sell_later_tells_the_outcome_once_it_is_committed(tmp_path: Path) -> No
     finally:
         store.close()
     with pytest.raises(StoreUnavailable):
-        store.sell_later(1, done)
+        store.sell_later(1, None, done)

@@ -1,0 +1,194 @@
+"""Group commit: many orders, one transaction, one lock hold, one fsync.
+
+Every durable store sells through this one mechanism. Orders from request threads (which
+wait) and from parked requests (which give a callback, see app.parking) go into the
+pending batch. One writer thread takes the whole pending batch (every order that arrived
+while it was busy) and hands it to the store's backend, which commits it in one
+transaction and sets each order's result; then the writer tells each order its outcome.
+So while one commit waits on the disk or the network the next batch gathers, and no order
+queues behind a commit that does not hold it. Each answer is given only after the commit
+that holds its sale.
+
+A backend is one function, "commit this batch": it sets every order's result (sold, sold
+out, a replayed receipt, or the error that order alone ends in) and returns, or raises
+:class:`~app.inventory.StoreUnavailable` when the batch certainly did not commit, or
+:class:`~app.inventory.OutcomeUnknown` when its fate cannot be known; every order of the
+batch then ends in that error.
+
+An order is in the store's hands from the moment the writer takes it: before that it can
+be withdrawn (a request that waited too long, a shutdown whose grace period ran out), and
+it then ends unsold (503 ``store_unavailable``); after that only the commit decides, and a
+request that stops waiting for it answers 504 ``outcome_unknown``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.inventory import Counts, Outcome, OutcomeUnknown, Sale, StoreUnavailable
+
+__all__ = ["Batch", "GroupCommit", "Order"]
+
+log = logging.getLogger("ticketbooth")
+
+#: How long a request thread waits for its order's commit before it stops waiting.
+ORDER_TIMEOUT_S = 30.0
+#: A commit delay, like PostgreSQL's commit_delay and commit_siblings: when the last batch
+#: held ``BUSY_BATCH`` orders or more (the store is busy) and fewer are pending, the writer
+#: waits up to ``GATHER_S`` for more before it commits, and starts at once when the
+#: ``BUSY_BATCH``-th arrives: fewer commits per sale under load; a store that is not busy
+#: never waits.
+BUSY_BATCH = 16
+GATHER_S = 0.0005
+
+
+@dataclass(slots=True, eq=False)  # eq=False: orders are compared by identity
+class Order:
+    """One request's order: a sale of ``quantity`` (with an idempotency ``key``), or a
+    restock of ``quantity`` tickets."""
+
+    quantity: int
+    key: str | None = None
+    restock: bool = False
+    #: Set by the backend: the sale, the counts after a restock, or the order's error.
+    result: Sale | Counts | Exception | None = None
+    #: A parked request's callback, told the outcome; None when a thread waits on ``done``
+    #: (held until then: the cheapest wake-up there is, one futex, shared with no one).
+    callback: Callable[[Outcome], None] | None = None
+    done: threading.Lock | None = None
+
+
+#: A backend's "commit this batch".
+Batch = list[Order]
+
+
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
+def _tell(order: Order) -> None:
+    """Give an order its outcome; a caller's bug must not stop the writer."""
+    if order.callback is None:
+        assert order.done is not None
+        order.done.release()
+        return
+    result = order.result
+    assert isinstance(result, Sale | Exception)
+    try:
+        order.callback(result)
+    except Exception:
+        log.exception("a deferred sale's callback failed")
+
+
+class GroupCommit:
+    """The queue of orders and the writer thread that commits them in batches."""
+
+    def __init__(self, commit: Callable[[Batch], None], name: str, *,
+                 after: Callable[[], None] | None = None) -> None:
+        self._commit = commit
+        self._after = after  # housekeeping between batches, on the writer's thread
+        self._lock = threading.Lock()  # guards _pending and _closed; held briefly
+        self._wake = threading.Condition(self._lock)  # the writer waits here for orders
+        self._pending: Batch = []
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name=name, daemon=True)
+        self._writer.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._writer.is_alive()
+
+    def submit(self, order: Order, timeout: float = ORDER_TIMEOUT_S) -> Sale | Counts:
+        """Queue ``order`` and wait for its outcome; raise the error it ended in."""
+        order.done = _held_lock()
+        self.enqueue(order)
+        if not order.done.acquire(timeout=timeout):
+            if self._withdraw(order):
+                raise StoreUnavailable("the store did not take the order in time; nothing "
+                                       "was sold")
+            if not order.done.acquire(blocking=False):  # answered just now after all?
+                raise OutcomeUnknown("the store did not finish the sale in time")
+        if isinstance(order.result, Exception):
+            raise order.result
+        assert order.result is not None
+        return order.result
+
+    def enqueue(self, order: Order) -> None:
+        """Queue ``order``; its callback (or its ``done`` lock) is told the outcome."""
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the store is closed; nothing was sold")
+            self._pending.append(order)
+            if len(self._pending) in (1, BUSY_BATCH):
+                self._wake.notify()
+
+    def withdraw_all(self) -> int:
+        """Stop taking orders; end every order not yet taken unsold. Returns how many.
+
+        The batch the writer holds is committed and answered as usual.
+        """
+        with self._lock:
+            self._closed = True
+            withdrawn, self._pending = self._pending, []
+            self._wake.notify()
+        error = StoreUnavailable("the server is shutting down; nothing was sold")
+        for order in withdrawn:
+            order.result = error
+            _tell(order)
+        return len(withdrawn)
+
+    def close(self, timeout: float = ORDER_TIMEOUT_S) -> None:
+        """Commit what is pending, then stop the writer (waits up to ``timeout``)."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        self._writer.join(timeout=timeout)
+
+    def _withdraw(self, order: Order) -> bool:
+        """Take ``order`` back if the writer has not taken it (then it is told nothing)."""
+        with self._lock:
+            try:
+                self._pending.remove(order)
+            except ValueError:
+                return False
+            return True
+
+    def _write_loop(self) -> None:
+        """The writer: commit each pending batch as soon as the previous one is done."""
+        last = 0  # orders in the last batch
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if last >= BUSY_BATCH and len(self._pending) < BUSY_BATCH and not self._closed:
+                    self._wake.wait(GATHER_S)  # woken early by the BUSY_BATCH-th order
+                batch, self._pending = self._pending, []
+            last = len(batch)
+            if not batch:  # closed, and nothing left to commit
+                return
+            self._commit_batch(batch)
+            for order in batch:
+                _tell(order)
+            if self._after is not None:
+                try:
+                    self._after()
+                except Exception:
+                    log.exception("store housekeeping failed")
+
+    def _commit_batch(self, batch: Batch) -> None:
+        """Commit ``batch``; every order gets a result, a failure included."""
+        try:
+            self._commit(batch)
+            return
+        except (StoreUnavailable, OutcomeUnknown) as failure:
+            error: Exception = failure
+        except Exception as bug:  # answer every waiting request with it, then go on
+            log.exception("committing a batch failed")
+            error = bug
+        for order in batch:
+            order.result = error
