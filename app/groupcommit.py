@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.inventory import Counts, Outcome, OutcomeUnknown, Sale, StoreUnavailable
 
@@ -34,8 +35,6 @@ __all__ = ["Batch", "GroupCommit", "Order"]
 
 log = logging.getLogger("ticketbooth")
 
-#: How long a request thread waits for its order's commit before it stops waiting.
-ORDER_TIMEOUT_S = 30.0
 #: A commit delay, like PostgreSQL's commit_delay and commit_siblings: when the last batch
 #: held ``BUSY_BATCH`` orders or more (the store is busy) and fewer are pending, the writer
 #: waits up to ``GATHER_S`` for more before it commits, and starts at once when the
@@ -59,6 +58,9 @@ class Order:
     #: (held until then: the cheapest wake-up there is, one futex, shared with no one).
     callback: Callable[[Outcome], None] | None = None
     done: threading.Lock | None = None
+    #: When it was queued (time.monotonic), and whether it has been told its outcome.
+    queued: float = field(default_factory=time.monotonic)
+    told: bool = False
 
 
 #: A backend's "commit this batch".
@@ -71,48 +73,64 @@ def _held_lock() -> threading.Lock:
     return lock
 
 
-def _tell(order: Order) -> None:
-    """Give an order its outcome; a caller's bug must not stop the writer."""
+def _tell(order: Order, result: Sale | Counts | Exception | None = None) -> None:
+    """Give an order its outcome (``result``, else what the backend set); once only, which
+    the caller makes sure of. A caller's bug must not stop the writer."""
+    if result is not None:
+        order.result = result
     if order.callback is None:
         assert order.done is not None
         order.done.release()
         return
-    result = order.result
-    assert isinstance(result, Sale | Exception)
+    outcome = order.result
+    assert isinstance(outcome, Sale | Exception)
     try:
-        order.callback(result)
+        order.callback(outcome)
     except Exception:
         log.exception("a deferred sale's callback failed")
 
 
 class GroupCommit:
-    """The queue of orders and the writer thread that commits them in batches."""
+    """The queue of orders and the writer thread that commits them in batches.
 
-    def __init__(self, commit: Callable[[Batch], None], name: str, *,
+    Every order is told its outcome exactly once, within ``timeout`` seconds of being
+    queued: a watchdog ends an order still queued then unsold, and tells the orders of a
+    batch still committing then that their outcome is unknown (the commit goes on, and
+    decides what was sold).
+    """
+
+    def __init__(self, commit: Callable[[Batch], None], name: str, *, timeout: float,
                  after: Callable[[], None] | None = None) -> None:
         self._commit = commit
         self._after = after  # housekeeping between batches, on the writer's thread
-        self._lock = threading.Lock()  # guards _pending and _closed; held briefly
+        self.timeout = timeout
+        self._lock = threading.Lock()  # guards the queue, the batch and every order's told
         self._wake = threading.Condition(self._lock)  # the writer waits here for orders
+        self._stop = threading.Condition(self._lock)  # the watchdog waits here
         self._pending: Batch = []
+        self._batch: Batch = []  # being committed
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name=name, daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog",
+                                          daemon=True)
         self._writer.start()
+        self._watchdog.start()
 
     @property
     def alive(self) -> bool:
         return self._writer.is_alive()
 
-    def submit(self, order: Order, timeout: float = ORDER_TIMEOUT_S) -> Sale | Counts:
+    @property
+    def pending(self) -> int:
+        """Orders queued and not yet taken by the writer."""
+        with self._lock:
+            return len(self._pending)
+
+    def submit(self, order: Order) -> Sale | Counts:
         """Queue ``order`` and wait for its outcome; raise the error it ended in."""
         order.done = _held_lock()
         self.enqueue(order)
-        if not order.done.acquire(timeout=timeout):
-            if self._withdraw(order):
-                raise StoreUnavailable("the store did not take the order in time; nothing "
-                                       "was sold")
-            if not order.done.acquire(blocking=False):  # answered just now after all?
-                raise OutcomeUnknown("the store did not finish the sale in time")
+        order.done.acquire()  # the watchdog makes sure this ends within the timeout
         if isinstance(order.result, Exception):
             raise order.result
         assert order.result is not None
@@ -135,28 +153,23 @@ class GroupCommit:
         with self._lock:
             self._closed = True
             withdrawn, self._pending = self._pending, []
+            for order in withdrawn:
+                order.told = True
             self._wake.notify()
         error = StoreUnavailable("the server is shutting down; nothing was sold")
         for order in withdrawn:
-            order.result = error
-            _tell(order)
+            _tell(order, error)
         return len(withdrawn)
 
-    def close(self, timeout: float = ORDER_TIMEOUT_S) -> None:
-        """Commit what is pending, then stop the writer (waits up to ``timeout``)."""
+    def close(self) -> None:
+        """Commit what is pending, then stop the writer (waits up to the timeout)."""
         with self._lock:
             self._closed = True
             self._wake.notify()
-        self._writer.join(timeout=timeout)
-
-    def _withdraw(self, order: Order) -> bool:
-        """Take ``order`` back if the writer has not taken it (then it is told nothing)."""
+        self._writer.join(timeout=self.timeout)
         with self._lock:
-            try:
-                self._pending.remove(order)
-            except ValueError:
-                return False
-            return True
+            self._stop.notify()
+        self._watchdog.join(timeout=self.timeout)
 
     def _write_loop(self) -> None:
         """The writer: commit each pending batch as soon as the previous one is done."""
@@ -168,11 +181,17 @@ class GroupCommit:
                 if last >= BUSY_BATCH and len(self._pending) < BUSY_BATCH and not self._closed:
                     self._wake.wait(GATHER_S)  # woken early by the BUSY_BATCH-th order
                 batch, self._pending = self._pending, []
+                self._batch = batch
             last = len(batch)
             if not batch:  # closed, and nothing left to commit
                 return
             self._commit_batch(batch)
-            for order in batch:
+            with self._lock:
+                self._batch = []
+                untold = [order for order in batch if not order.told]
+                for order in untold:
+                    order.told = True
+            for order in untold:
                 _tell(order)
             if self._after is not None:
                 try:
@@ -192,3 +211,36 @@ class GroupCommit:
             error = bug
         for order in batch:
             order.result = error
+
+    def _watch(self) -> None:
+        """The watchdog: no order waits for its outcome longer than the timeout."""
+        every = min(1.0, self.timeout / 4)
+        while True:
+            with self._lock:
+                if self._closed and not self._writer.is_alive():
+                    return
+                self._stop.wait(every)
+                cutoff = time.monotonic() - self.timeout
+                stale = 0
+                while stale < len(self._pending) and self._pending[stale].queued <= cutoff:
+                    stale += 1
+                withdrawn, self._pending[:stale] = self._pending[:stale], []
+                unknown = [order for order in self._batch
+                           if not order.told and order.queued <= cutoff]
+                for order in (*withdrawn, *unknown):
+                    order.told = True
+            if withdrawn:
+                log.warning("%d order(s) waited %.1f s without being taken; not sold",
+                            len(withdrawn), self.timeout)
+                error = StoreUnavailable("the store did not take the order in time; nothing "
+                                         "was sold")
+                for order in withdrawn:
+                    _tell(order, error)
+            if unknown:
+                log.warning("a batch of %d order(s) has been committing for over %.1f s",
+                            len(unknown), self.timeout)
+                unsure = OutcomeUnknown("the store did not finish the sale in time; it may "
+                                        "still happen: retry with the same Idempotency-Key "
+                                        "to learn its outcome")
+                for order in unknown:
+                    _tell(order, unsure)

@@ -27,10 +27,14 @@ from collections.abc import Callable
 
 from app.inventory import Outcome, Sale
 
-__all__ = ["ENVIRON_KEY", "PARK_EXTENSION", "Parking"]
+__all__ = ["ENVIRON_KEY", "PARK_EXTENSION", "WITHDRAW_EXTENSION", "Parking"]
 
 # Where the app offers its parking hook to the server: a key of the Flask app's extensions.
 PARK_EXTENSION = "ticketbooth.park"
+# Where the app offers the server a function that ends the orders its store has queued and
+# not yet started on, unsold (their requests are answered 503); the server calls it once
+# a shutdown's grace period is over. It returns how many it ended.
+WITHDRAW_EXTENSION = "ticketbooth.withdraw"
 # The WSGI environ key under which a parked request's run that answers finds its Parking.
 ENVIRON_KEY = "ticketbooth.parking"
 
@@ -44,6 +48,11 @@ class Parking:
         self._resume = resume
         self.started = time.perf_counter()  # when it was parked: its timing spans both runs
         self.outcome: Outcome | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the request still waits for its outcome."""
+        return self.outcome is None
 
     def done(self, outcome: Outcome) -> None:
         """The store's callback: keep the outcome, queue the request to run again."""

@@ -297,7 +297,8 @@ class PostgresStore:
     """Tickets in a PostgreSQL database that several service processes may share."""
 
     def __init__(self, url: str, tickets: int, *, pool_size: int = 10, chore_s: float = 0.0,
-                 key_ttl: float = 86400.0, clock: Callable[[], float] = time.time) -> None:
+                 key_ttl: float = 86400.0, order_timeout: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._chore_s = chore_s
         self._key_ttl = key_ttl
         self._clock = clock
@@ -323,7 +324,9 @@ class PostgresStore:
             raise StoreSetupError(f"cannot open a connection pool to {self._where}: "
                                   f"{_one_line(error)}") from error
         self._writer = _WriterConnection(url, options, self._where)
-        self._orders = GroupCommit(self._commit_batch, "postgres-writer", after=self._purge)
+        self._orders = GroupCommit(self._commit_batch, "postgres-writer",
+                                   timeout=order_timeout,
+                                   after=self._purge)
 
     # -- start-up ------------------------------------------------------------------------
 

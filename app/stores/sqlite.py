@@ -93,7 +93,8 @@ def _take_ownership(path: Path) -> int:
 
 class SqliteStore:
     def __init__(self, path: Path, tickets: int, *, chore_s: float = 0.0,
-                 key_ttl: float = 86400.0, clock: Callable[[], float] = time.time) -> None:
+                 key_ttl: float = 86400.0, order_timeout: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._chore_s = chore_s
         self._key_ttl = key_ttl
@@ -103,7 +104,9 @@ class SqliteStore:
         self._local = threading.local()
         self._lock = threading.Lock()  # guards _readers
         self._next_purge = 0.0
-        self._orders = GroupCommit(self._commit_batch, "sqlite-writer", after=self._purge)
+        self._orders = GroupCommit(self._commit_batch, "sqlite-writer",
+                                   timeout=order_timeout,
+                                   after=self._purge)
 
     # --- start-up -------------------------------------------------------------------
 
