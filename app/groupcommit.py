@@ -100,9 +100,9 @@ class GroupCommit:
     """
 
     def __init__(self, commit: Callable[[Batch], None], name: str, *, timeout: float,
-                 after: Callable[[], None] | None = None) -> None:
+                 housekeeping: Callable[[], None] | None = None) -> None:
         self._commit = commit
-        self._after = after  # housekeeping between batches, on the writer's thread
+        self._housekeeping = housekeeping  # run by the writer before each batch
         self.timeout = timeout
         self._lock = threading.Lock()  # guards the queue, the batch and every order's told
         self._wake = threading.Condition(self._lock)  # the writer waits here for orders
@@ -119,6 +119,12 @@ class GroupCommit:
     @property
     def alive(self) -> bool:
         return self._writer.is_alive()
+
+    @property
+    def busy(self) -> bool:
+        """Whether the writer is committing a batch."""
+        with self._lock:
+            return bool(self._batch)
 
     @property
     def pending(self) -> int:
@@ -185,6 +191,11 @@ class GroupCommit:
             last = len(batch)
             if not batch:  # closed, and nothing left to commit
                 return
+            if self._housekeeping is not None:
+                try:
+                    self._housekeeping()
+                except Exception:
+                    log.exception("store housekeeping failed")
             self._commit_batch(batch)
             with self._lock:
                 self._batch = []
@@ -193,11 +204,6 @@ class GroupCommit:
                     order.told = True
             for order in untold:
                 _tell(order)
-            if self._after is not None:
-                try:
-                    self._after()
-                except Exception:
-                    log.exception("store housekeeping failed")
 
     def _commit_batch(self, batch: Batch) -> None:
         """Commit ``batch``; every order gets a result, a failure included."""

@@ -326,7 +326,7 @@ class PostgresStore:
         self._writer = _WriterConnection(url, options, self._where)
         self._orders = GroupCommit(self._commit_batch, "postgres-writer",
                                    timeout=order_timeout,
-                                   after=self._purge)
+                                   housekeeping=self._purge)
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -445,7 +445,7 @@ class PostgresStore:
                 order.result = SoldOut(order.quantity, remaining)
 
     def _purge(self) -> None:
-        """Housekeeping between batches: delete a batch of expired receipts now and then."""
+        """Housekeeping before a batch: delete a batch of expired receipts now and then."""
         now = self._clock()
         if now < self._next_purge:
             return

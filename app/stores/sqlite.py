@@ -106,7 +106,7 @@ class SqliteStore:
         self._next_purge = 0.0
         self._orders = GroupCommit(self._commit_batch, "sqlite-writer",
                                    timeout=order_timeout,
-                                   after=self._purge)
+                                   housekeeping=self._purge)
 
     # --- start-up -------------------------------------------------------------------
 
@@ -281,7 +281,7 @@ class SqliteStore:
             order.result = result
 
     def _purge(self) -> None:
-        """Housekeeping between batches: forget expired idempotency receipts."""
+        """Housekeeping before a batch: forget expired idempotency receipts."""
         now = self._clock()
         if now >= self._next_purge:
             self._next_purge = now + _PURGE_EVERY_S
