@@ -72,18 +72,18 @@ container-test: $(VENV)/.installed-test container-deps
 demo: $(VENV)/.installed-run
 	$(BIN)/python -m loadtest.demo
 
-# The benchmark (python -m loadtest.bench; about 4 minutes): every store against a bare WSGI
+# The benchmark (python -m bench; about 4 minutes): every store against a bare WSGI
 # hello and a Flask hello on the same waitress settings; results in bench-results/.
 # Extra flags in BENCH_ARGS, e.g. make bench BENCH_ARGS="--only memory sqlite --repeat 5".
 BENCH_ARGS ?=
 bench: $(VENV)/.installed-run wrk postgres-server
-	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
 typecheck: $(VENV)/.installed-test
-	$(BIN)/mypy app loadtest
+	$(BIN)/mypy app loadtest bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -20,7 +20,7 @@ from app.inventory import Store
 from app.server import Server
 from app.settings import Settings, describe
 from app.stores import open_store
-from tests.pg import PostgresServer, PostgresUnavailable
+from tests.support.pg import PostgresServer, PostgresUnavailable
 
 # Every backend the shared store suite runs against.
 STORE_KINDS = ["memory", "sqlite", "postgres"]

@@ -1,6 +1,6 @@
 """A smoke of ``make bench``: the bench runs end to end and writes every figure.
 
-``python -m loadtest.bench --smoke`` makes one 1-second measurement of the Flask hello and
+``python -m bench --smoke`` makes one 1-second measurement of the Flask hello and
 of memory ``/buy``. Nothing here asserts a time, a rate or a ratio: the bench is a report,
 and this machine is shared. It needs wrk (``make test`` installs it); without wrk this
 test fails with that reason rather than skipping.
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.bench import CHECKS, SMOKE, run
-from loadtest.bench_load import Run, run_wrk, write_wrk_script
-from loadtest.bench_procs import detect_pinning
-from loadtest.bench_report import CheckSpec, Measured, evaluate
+from bench.load import Run, run_wrk, write_wrk_script
+from bench.procs import detect_pinning
+from bench.report import CheckSpec, Measured, evaluate
+from bench.runner import CHECKS, SMOKE, run
 from loadtest.booths import PURCHASE_CONTENT_TYPE, purchase_body
 
+ROOT = Path(__file__).resolve().parent.parent
 RUN_FIELDS = {"tool", "requests", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms",
               "errors", "non_2xx", "server_cpu", "load_cpu", "foreign_cpu", "retries"}
 MEASUREMENT_FIELDS = {"name", "title", "tool", "repetitions", "median_rps", "min_rps",
@@ -37,8 +38,9 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
         pytest.fail("wrk is not installed: `make test` installs it from Debian's packages "
                     "(apt-get install wrk)", pytrace=False)
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, "-m", "loadtest.bench", "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=150, check=False)
+    # bench/ is not installed: it runs from the repository's root, as `make bench` runs it.
+    done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "memory /buy vs Flask hello" in done.stdout
 
@@ -60,7 +62,7 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert ratio["value"] > 0 and ratio["target"] == 0.95
     assert ratio["verdict"] in ("PASS", "MISS")
     assert checks["sqlite-vs-memory"]["verdict"] == "n/a"  # not measured in a smoke
-    assert (out / "bench.md").read_text().startswith("Made by `python -m loadtest.bench --smoke")
+    assert (out / "bench.md").read_text().startswith("Made by `python -m bench --smoke")
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "work").exists()  # scratch files are removed
 

@@ -1,6 +1,6 @@
 """What only the PostgreSQL store promises: several processes, restarts, a database outage.
 
-Everything here runs against a real throwaway PostgreSQL server (tests/pg.py) and real
+Everything here runs against a real throwaway PostgreSQL server (tests/support/pg.py) and real
 ``python -m app serve`` processes talking HTTP on 127.0.0.1.
 """
 
@@ -29,7 +29,7 @@ from app.inventory import SoldOut
 from app.settings import Settings
 from app.stores import StoreSetupError, open_store
 from tests.conftest import FakeClock, postgres, run_threads, wait_until_healthy
-from tests.pg import PostgresServer, free_port
+from tests.support.pg import PostgresServer, free_port
 
 
 def settings(url: str, tickets: int = 100, **overrides: object) -> Settings:

@@ -1,9 +1,9 @@
-"""``make bench`` (``python -m loadtest.bench``): every store against the stack's own ceilings.
+"""``make bench`` (``python -m bench``): every store against the stack's own ceilings.
 
 In one run, side by side, at the same concurrency (64 connections), it measures
 
 1. a bare WSGI hello and 2. a Flask hello, both served by the service's own waitress
-   settings (``loadtest/bench_hello.py``): the ceilings of the stack and of the framework;
+   settings (``bench/hello.py``): the ceilings of the stack and of the framework;
 3. ``POST /buy`` on the memory, SQLite (durable) and PostgreSQL stores, PostgreSQL with one
    and with two instances;
 4. ``POST /buy`` with a stock of 100 and of 1,000,000;
@@ -51,8 +51,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from loadtest.argtypes import non_negative_float, non_negative_int, positive_int
-from loadtest.bench_load import (
+from bench.load import (
     WRK_THREADS,
     NoAnswer,
     Run,
@@ -60,7 +59,7 @@ from loadtest.bench_load import (
     run_wrk,
     wrk_version,
 )
-from loadtest.bench_procs import (
+from bench.procs import (
     BenchError,
     Pinning,
     ServerProcess,
@@ -69,7 +68,7 @@ from loadtest.bench_procs import (
     tree_cpu_seconds,
     user_cpu_seconds,
 )
-from loadtest.bench_report import (
+from bench.report import (
     Check,
     CheckSpec,
     Measured,
@@ -78,10 +77,11 @@ from loadtest.bench_report import (
     format_text,
     write_chart,
 )
+from loadtest.argtypes import non_negative_float, non_negative_int, positive_int
 
 __all__ = ["CHECKS", "MEASUREMENTS", "SERVERS", "main", "run"]
 
-PROG = "python -m loadtest.bench"
+PROG = "python -m bench"
 EXIT_OK, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 2, 130
 
 #: A stock nothing can sell out during a bench.
@@ -311,7 +311,7 @@ def selected_measurements(only: Sequence[str] | None) -> list[Measurement]:
 
 def _server_command(spec: ServerSpec, work: Path, databases: dict[str, str]) -> list[str]:
     if spec.kind in ("wsgi", "flask", "booth"):
-        return [sys.executable, "-m", "loadtest.bench_hello", spec.kind, "--port", "0"]
+        return [sys.executable, "-m", "bench.hello", spec.kind, "--port", "0"]
     store = spec.store
     if store.startswith("sqlite:"):
         store = f"sqlite:///{work / (store.split(':', 1)[1] + '.db')}"
@@ -378,7 +378,7 @@ class Bench:
                          if SERVERS[n].store.startswith("postgres:")})
         if not stores:
             return {}
-        from loadtest.bench_pg import PostgresServer, PostgresUnavailable
+        from tests.support.pg import PostgresServer, PostgresUnavailable
 
         _say("bench: starting PostgreSQL (durable) ...")
         try:

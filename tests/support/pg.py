@@ -2,8 +2,9 @@
 
 PostgreSQL refuses to run as root, and CI runs as root: then the cluster lives in a
 temporary folder owned by ``nobody`` (uid/gid 65534) and every server command runs through
-``setpriv`` as that user (see shared/notes/postgres.md). It listens on 127.0.0.1 only, on a
-free port, with its socket in its own folder. ``tests/pg.py`` re-exports this module.
+``setpriv`` as that user. It listens on 127.0.0.1 only, on a free port, with its socket in
+its own folder. The tests (``tests/conftest.py``) and ``make bench`` (``bench/runner.py``)
+both use it; it lives here, outside the shipped packages.
 
 The bench may pin the server to CPUs (``cpus="0"``): every server command then runs under
 ``taskset``, and the postmaster and its backends inherit the affinity.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_load import Run
+from bench.load import Run
 
 __all__ = ["Check", "CheckSpec", "Measured", "evaluate", "format_markdown", "format_text",
            "write_chart"]

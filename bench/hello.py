@@ -1,6 +1,6 @@
 """The bench's two ceilings: a bare WSGI hello and a Flask hello, served like the service.
 
-``python -m loadtest.bench_hello wsgi|flask [--port 0]`` serves one of them and prints
+``python -m bench.hello wsgi|flask [--port 0]`` serves one of them and prints
 ``hello listening on http://127.0.0.1:PORT``. Both are served by the service's own
 :class:`app.server.Server` with default :class:`app.settings.Settings`, so waitress runs
 with exactly the service's settings (4 threads, connection limit, channel timeout, body
@@ -83,7 +83,7 @@ class BoothApp:
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest.bench_hello",
+        prog="python -m bench.hello",
         description="Serve a hello app with the service's own waitress settings (for the "
                     "bench). Prints 'hello listening on URL' once listening; SIGTERM stops it.")
     parser.add_argument("kind", choices=("wsgi", "flask", "booth"),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from loadtest.bench_procs import BenchError, Pinning
+from bench.procs import BenchError, Pinning
 from loadtest.booths import PURCHASE_CONTENT_TYPE, purchase_body
 
 __all__ = ["NoAnswer", "Run", "run_ticketbooth_load", "run_wrk", "write_wrk_script", "wrk_version"]
@@ -35,7 +35,7 @@ GRACE_S = 30.0
 _RESULT = "BENCH-RESULT "
 
 _WRK_SCRIPT = r"""
--- Written by loadtest/bench.py: POST /buy; each thread to one of PORTS; JSON when done.
+-- Written by bench/runner.py: POST /buy; each thread to one of PORTS; JSON when done.
 wrk.method = "POST"
 local ports = {%(ports)s}
 local threads = 0
