@@ -72,8 +72,9 @@ container-test: $(VENV)/.installed-test container-deps
 demo: $(VENV)/.installed-run
 	$(BIN)/python -m loadtest.demo
 
-# The benchmark (python -m bench; about 4 minutes): every store against a bare WSGI
-# hello and a Flask hello on the same waitress settings; results in bench-results/.
+# The benchmark (python -m bench; about 5 minutes, see docs/performance.md): every store
+# against a bare WSGI hello and a Flask hello on the same waitress settings; results in
+# bench-results/.
 # Extra flags in BENCH_ARGS, e.g. make bench BENCH_ARGS="--only memory sqlite --repeat 5".
 BENCH_ARGS ?=
 bench: $(VENV)/.installed-run wrk postgres-server
