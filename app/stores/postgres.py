@@ -9,12 +9,11 @@ commit, so it is never held while the network carries a message. The function se
 batch in arrival order, greedily, writes one row of ``sales`` for the batch's consecutive
 serials, and writes each keyed order's receipt in the same transaction.
 
-Idempotency keys across instances: the function first claims the batch's keys, in one
-fixed (sorted) order and before it locks the stock row, so two instances never wait on
-each other in a cycle. Claiming inserts the receipt row (or takes over an expired one); a
-key another instance's batch holds waits for that batch's commit (one statement, no round
-trips), then finds its receipt and replays it. Receipts older than the TTL count as absent
-and are purged in small batches.
+Idempotency keys across instances: the function reads and writes receipts only while it
+holds the stock row's lock, so batches from every instance take their turns, each sees the
+receipts of every batch committed before it (and replays them), and no batch ever waits for
+another's keys: nothing to deadlock on. Receipts older than the TTL count as absent (a new
+sale takes the key over) and are purged in small batches.
 
 Failures: a batch refused by the database (an error it reports) was rolled back, and its
 orders answer 503 ``store_unavailable``; one whose connection was lost after it was sent
@@ -99,6 +98,8 @@ SCHEMA = (
     # Sell a batch: one row per order, in order. A replayed row carries the receipt's
     # quantity and outcome (the caller tells a replay from a reuse of the key); otherwise
     # o_count is 0 when the order was sold out, and o_remaining is what was left after it.
+    # Everything happens under the stock row's lock, receipts included: only the lock
+    # holder reads or writes them, so no batch ever waits for another's keys.
     """CREATE OR REPLACE FUNCTION ticketbooth_sell(
         p_quantities integer[], p_keys text[], p_at timestamptz, p_cutoff timestamptz,
         p_chore double precision)
@@ -106,7 +107,11 @@ SCHEMA = (
                    o_replayed boolean)
     LANGUAGE plpgsql AS $$
     DECLARE
-        owned text[];  -- keys this batch claimed: new ones, and expired ones taken over
+        live_keys text[];  -- live receipts of earlier batches for this batch's keys
+        live_q integer[];
+        live_f bigint[];
+        live_c integer[];
+        live_r bigint[];
         done_keys text[] := '{}';  -- keyed orders sold here, and their outcomes
         done_q integer[] := '{}';
         done_f bigint[] := '{}';
@@ -118,20 +123,15 @@ SCHEMA = (
         v_key text;
         v_at integer;
     BEGIN
-        -- Keys first, sorted, before the stock row: no two batches wait in a cycle.
-        WITH claimed AS (
-            INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created)
-            SELECT DISTINCT u.k, 0, NULL::bigint, 0, 0::bigint, p_at
-            FROM unnest(p_keys) AS u(k) WHERE u.k IS NOT NULL ORDER BY 1
-            ON CONFLICT (key) DO UPDATE
-                SET quantity = 0, first_serial = NULL, count = 0, remaining = 0,
-                    created = EXCLUDED.created
-                WHERE r.created <= p_cutoff
-            RETURNING r.key)
-        SELECT coalesce(array_agg(claimed.key), '{}') INTO owned FROM claimed;
-
         SELECT s.sold, s.total INTO v_sold, v_total FROM stock s FOR UPDATE;
         v_start := v_sold;
+        IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
+            SELECT array_agg(r.key), array_agg(r.quantity), array_agg(r.first_serial),
+                   array_agg(r.count), array_agg(r.remaining)
+            INTO live_keys, live_q, live_f, live_c, live_r
+            FROM receipts r WHERE r.key = ANY (array_remove(p_keys, NULL))
+                AND r.created > p_cutoff;
+        END IF;
         FOR i IN 1 .. coalesce(cardinality(p_quantities), 0) LOOP
             v_key := p_keys[i];
             o_replayed := false;
@@ -143,11 +143,15 @@ SCHEMA = (
                     o_count := done_c[v_at];
                     o_remaining := done_r[v_at];
                     o_replayed := true;
-                ELSIF NOT v_key = ANY (owned) THEN  -- a live receipt of an earlier batch
-                    SELECT r.quantity, r.first_serial, r.count, r.remaining
-                    INTO o_quantity, o_first, o_count, o_remaining
-                    FROM receipts r WHERE r.key = v_key;
-                    o_replayed := true;
+                ELSE
+                    v_at := array_position(live_keys, v_key);
+                    IF v_at IS NOT NULL THEN  -- a live receipt of an earlier batch
+                        o_quantity := live_q[v_at];
+                        o_first := live_f[v_at];
+                        o_count := live_c[v_at];
+                        o_remaining := live_r[v_at];
+                        o_replayed := true;
+                    END IF;
                 END IF;
             END IF;
             IF NOT o_replayed THEN
@@ -180,10 +184,14 @@ SCHEMA = (
             VALUES (v_start + 1, v_sold - v_start, p_at);
         END IF;
         IF cardinality(done_keys) > 0 THEN
-            UPDATE receipts r
-            SET quantity = u.q, first_serial = u.f, count = u.c, remaining = u.rem
+            -- New keys, and expired receipts taken over.
+            INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created)
+            SELECT u.k, u.q, u.f, u.c, u.rem, p_at
             FROM unnest(done_keys, done_q, done_f, done_c, done_r) AS u(k, q, f, c, rem)
-            WHERE r.key = u.k;
+            ON CONFLICT (key) DO UPDATE
+                SET quantity = EXCLUDED.quantity, first_serial = EXCLUDED.first_serial,
+                    count = EXCLUDED.count, remaining = EXCLUDED.remaining,
+                    created = EXCLUDED.created;
         END IF;
     END
     $$""",
