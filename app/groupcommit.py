@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from app.inventory import Counts, Outcome, OutcomeUnknown, Sale, StoreUnavailable
 
-__all__ = ["Batch", "GroupCommit", "Order"]
+__all__ = ["Batch", "GroupCommit", "GroupCommitted", "Order"]
 
 log = logging.getLogger("ticketbooth")
 
@@ -250,3 +250,21 @@ class GroupCommit:
                                         "to learn its outcome")
                 for order in unknown:
                     _tell(order, unsure)
+
+
+class GroupCommitted:
+    """What a store that sells through a :class:`GroupCommit` (``self._orders``) answers."""
+
+    _orders: GroupCommit
+
+    def sell(self, quantity: int, key: str | None = None) -> Sale:
+        result = self._orders.submit(Order(quantity, key))
+        assert isinstance(result, Sale)
+        return result
+
+    def sell_later(self, quantity: int, key: str | None,
+                   done: Callable[[Outcome], None]) -> None:
+        self._orders.enqueue(Order(quantity, key, callback=done))
+
+    def withdraw_pending(self) -> int:
+        return self._orders.withdraw_all()

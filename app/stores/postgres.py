@@ -39,10 +39,9 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from app.groupcommit import Batch, GroupCommit, Order
+from app.groupcommit import Batch, GroupCommit, GroupCommitted
 from app.inventory import (
     Counts,
-    Outcome,
     OutcomeUnknown,
     Receipt,
     Sale,
@@ -301,7 +300,7 @@ def _has_news(conn: Connection[Any]) -> bool:
     return bool(readable)
 
 
-class PostgresStore:
+class PostgresStore(GroupCommitted):
     """Tickets in a PostgreSQL database that several service processes may share."""
 
     def __init__(self, url: str, tickets: int, *, pool_size: int = 10, chore_s: float = 0.0,
@@ -413,17 +412,6 @@ class PostgresStore:
 
     # -- the Store interface -------------------------------------------------------------
 
-    def sell(self, quantity: int, key: str | None = None) -> Sale:
-        result = self._orders.submit(Order(quantity, key))
-        assert isinstance(result, Sale)
-        return result
-
-    def sell_later(self, quantity: int, key: str | None,
-                   done: Callable[[Outcome], None]) -> None:
-        self._orders.enqueue(Order(quantity, key, callback=done))
-
-    def withdraw_pending(self) -> int:
-        return self._orders.withdraw_all()
 
     # -- selling: the group commit's backend ---------------------------------------------
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.groupcommit import Batch, GroupCommit, Order
-from app.inventory import Counts, Outcome, Receipt, Sale, SoldOut, StoreUnavailable
+from app.groupcommit import Batch, GroupCommit, GroupCommitted, Order
+from app.inventory import Counts, Receipt, Sale, SoldOut, StoreUnavailable
 from app.stores import StoreSetupError
 
 log = logging.getLogger("ticketbooth")
@@ -91,7 +91,7 @@ def _take_ownership(path: Path) -> int:
     return fd
 
 
-class SqliteStore:
+class SqliteStore(GroupCommitted):
     def __init__(self, path: Path, tickets: int, *, chore_s: float = 0.0,
                  key_ttl: float = 86400.0, order_timeout: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -152,17 +152,6 @@ class SqliteStore:
 
     # --- the store interface --------------------------------------------------------
 
-    def sell(self, quantity: int, key: str | None = None) -> Sale:
-        result = self._orders.submit(Order(quantity, key))
-        assert isinstance(result, Sale)
-        return result
-
-    def sell_later(self, quantity: int, key: str | None,
-                   done: Callable[[Outcome], None]) -> None:
-        self._orders.enqueue(Order(quantity, key, callback=done))
-
-    def withdraw_pending(self) -> int:
-        return self._orders.withdraw_all()
 
     def restock(self, tickets: int) -> Counts:
         result = self._orders.submit(Order(tickets, restock=True))
