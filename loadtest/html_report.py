@@ -34,8 +34,10 @@ p.sub, .muted { color: var(--muted); }
 .verdict.pass, .pass { color: var(--pass); } .verdict.fail, .fail { color: var(--fail); }
 table { border-collapse: collapse; margin: 0.25rem 0 0.5rem; font-variant-numeric: tabular-nums; }
 th, td { padding: 0.2rem 0.6rem; border-bottom: 1px solid var(--rule); text-align: right;
-  vertical-align: top; }
-th { background: var(--panel); } th:first-child, td:first-child, td.text { text-align: left; }
+  vertical-align: top; white-space: nowrap; }
+th { background: var(--panel); }
+th:first-child, td:first-child, .text { text-align: left; } td.text { white-space: normal; }
+summary { cursor: pointer; color: var(--muted); }
 td.badge { font-weight: 700; }
 .scroll { overflow-x: auto; }
 figure { margin: 0.5rem 0 1rem; } figcaption { color: var(--muted); font-size: 0.9rem; }
@@ -87,7 +89,8 @@ def table(head: Sequence[str], rows: Sequence[Sequence[Any]], text_cols: Sequenc
     """An HTML table; ``text_cols`` are left-aligned, ``cell_class`` marks (row, col) cells."""
     classes = cell_class or {}
     out = ['<div class="scroll"><table>', "<thead><tr>"]
-    out += [f"<th>{escape(str(h))}</th>" for h in head]
+    out += [("<th class=\"text\">" if c in text_cols else "<th>") + f"{escape(str(h))}</th>"
+            for c, h in enumerate(head)]
     out.append("</tr></thead><tbody>")
     for r, row in enumerate(rows):
         cells = []
@@ -222,6 +225,10 @@ def _config_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+#: Up to this many booths the per-booth table shows unfolded.
+_OPEN_BOOTHS = 20
+
+
 def _snapshot(when: str, snap: dict[str, int] | None) -> tuple[object, ...]:
     if snap is None:
         return (when, "unknown", "", "")
@@ -266,13 +273,13 @@ def render_run(data: dict[str, Any]) -> str:
     series = data["timeseries"]
     if series:
         throughput: list[Series] = [
-            ("all requests/s", "s1", _steps(series, "requests")),
             ("200 sold/s", "s2", _steps(series, "ok")),
             ("409 sold out/s", "s3", _steps(series, "sold_out")),
             ("errors/s", "s4", _steps(series, "errors")),
+            ("all requests/s", "s1 dash", _steps(series, "requests")),
         ]
         if config.get("stages"):
-            throughput.append(("target rate/s", "s5 dash", _target(config)))
+            throughput.append(("target rate/s", "s5", _target(config)))
         body += [
             "<h2>Over time</h2>",
             line_chart(throughput, "seconds since the start", "requests/s",
@@ -292,7 +299,7 @@ def render_run(data: dict[str, Any]) -> str:
               s["ok"], s["sold_out"], s["errors"], s["late"]) for s in data["stages"]])]
     late = data.get("lateness")
     if late:
-        body.append(f'<p class="{"fail" if late["late"] else "muted"}" id="lateness">'
+        body.append(f'<p class="muted" id="lateness">'
                     f'{late["late"]} of {late["sent"]} requests sent more than '
                     f'{late["threshold_ms"]:g} ms after their intended time (p99 '
                     f'{_ms(late["p99_ms"])} ms, max {_ms(late["max_ms"])} ms).</p>')
@@ -306,9 +313,13 @@ def render_run(data: dict[str, Any]) -> str:
               [_snapshot(when, data[f"remaining_{when}"]) for when in ("before", "after")],
               text_cols=(0,)),
         "<h2>Booths</h2>",
+        # Many booths are folded away (and then not printed); the figures above sum them.
+        f'<details{" open" if len(data["booths"]) <= _OPEN_BOOTHS else ""}>'
+        f'<summary>{len(data["booths"])} booths</summary>',
         table(["booth", "url", "tickets", "requests", "sold out", "errors"],
               [(b["booth"], b["url"], b["tickets"], b["requests"], b["sold_out"], b["errors"])
                for b in data["booths"]], text_cols=(1,)),
+        "</details>",
         "<h2>Configuration</h2>",
         table(["setting", "value"], _config_rows(config), text_cols=(0, 1)),
         f'<p class="muted">exit status {data["exit_status"]}</p>',

@@ -125,7 +125,7 @@ def stage_lines(rows: list[dict[str, Any]] | None, late: dict[str, Any] | None) 
             lines.append(f"sent late   {late['late']} of {late['sent']} requests more than "
                          f"{late['threshold_ms']:g} ms after their intended time (p99 "
                          f"{_ms(late['p99_ms'])} ms, max {_ms(late['max_ms'])} ms): the booths "
-                         "could not keep up; give more --booths or --processes")
+                         "did not always keep up (more --booths or --processes may help)")
         else:
             lines.append(f"on time     every request sent within {late['threshold_ms']:g} ms of "
                          f"its intended time (max {_ms(late['max_ms'])} ms)")
