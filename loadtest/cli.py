@@ -20,7 +20,7 @@ from typing import IO
 import requests
 
 from loadtest.argtypes import non_negative_float, positive_float, positive_int
-from loadtest.booths import LoadPlan, LoadResult, classify_exception, run_load
+from loadtest.booths import LoadPlan, classify_exception, run_load
 from loadtest.checks import (
     RunRecord,
     Snapshot,
@@ -194,8 +194,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--start-rate only applies with --stages")
     if args.booths is None:
         args.booths = 100 if args.stages else 10
-    if args.csv and args.processes > 1:
-        parser.error("--csv does not work with --processes yet")
     for path in (args.json_path, args.plot, args.html, args.csv):
         if path and path != "-":
             folder = os.path.dirname(os.path.abspath(path))
@@ -259,24 +257,37 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
     # The bar only on a terminal: never in pipes or CI logs (with --json - stdout is the JSON).
     show_bar = sys.stdout.isatty() and out.isatty() and not args.quiet
     progress = Progress(plan, before.remaining, enabled=show_bar, stream=out)
-    stream = CsvStream(args.csv) if args.csv else None
-    new_entries = NewEntries()
-    result: LoadResult | None = None
+    try:
+        stream = CsvStream(args.csv) if args.csv else None
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write {args.csv}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if plan.processes > 1:
-            result = run_load_processes(plan, on_tick=progress.update)
+            def tick_processes(requests: int, tickets: int, errors: int, elapsed: float) -> None:
+                progress.update(requests, tickets, errors, elapsed)
+                if stream is not None:
+                    stream.tick(elapsed)
+
+            result = run_load_processes(plan, on_tick=tick_processes,
+                                        on_entries=stream.add if stream else None)
         else:
+            new_entries = NewEntries()
+
             def tick(booths: Sequence[BoothStats], elapsed: float) -> None:
                 progress.update(sum(b.requests for b in booths), sum(b.tickets for b in booths),
                                 sum(b.error_count for b in booths), elapsed)
                 if stream is not None:
-                    stream.feed(new_entries(booths), elapsed)
+                    stream.add(new_entries(booths))
+                    stream.tick(elapsed)
 
             result = run_load(plan, on_tick=tick)
+            if stream is not None:
+                stream.add(new_entries(result.booths))
     finally:
         progress.close()
         if stream is not None:
-            stream.close(new_entries(result.booths) if result is not None else ())
+            stream.close()
     after: Snapshot | None = None
     after_error = ""
     try:

@@ -59,17 +59,19 @@ class CsvStream:
         self._pending: dict[int, list[tuple[int, int]]] = {}
         self._next = 0  # the first bucket not written yet
 
-    def feed(self, entries: Iterable[Entry], elapsed: float) -> None:
-        """Take new entries; write the rows of the seconds over by ``elapsed``."""
+    def add(self, entries: Iterable[Entry]) -> None:
+        """Take newly recorded requests."""
         for done_at, latency_us, outcome in entries:
             index = max(int(done_at // self._bucket_s), self._next)
             self._pending.setdefault(index, []).append((latency_us, outcome))
+
+    def tick(self, elapsed: float) -> None:
+        """Write the rows of the seconds over ``elapsed`` seconds into the run."""
         self._write_until(int((elapsed - GRACE_S) // self._bucket_s))
 
-    def close(self, entries: Iterable[Entry] = ()) -> None:
-        """Take the last entries, write every row left, and close the file."""
+    def close(self) -> None:
+        """Write every row left and close the file."""
         try:
-            self.feed(entries, 0.0)
             if self._pending:
                 self._write_until(max(self._pending) + 1)
         finally:

@@ -78,10 +78,20 @@ def test_three_stages_follow_the_schedule(ramp: tuple[dict[str, Any], int, Path]
     assert last_due <= data["elapsed_s"] < 6.0 + 5.0
 
 
+def _csv_rows(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == TIMESERIES_COLUMNS
+        return [{k: float(v) for k, v in row.items()} for row in reader]
+
+
 def test_stages_split_over_processes(big_service: str, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    data, status, _ = _stage_run(big_service, tmp_path, "--processes", "2", "--booths", "20")
+    data, status, _ = _stage_run(big_service, tmp_path, "--processes", "2", "--booths", "20",
+                                 "--csv", str(tmp_path / "ramp.csv"))
     assert status == 0
+    # The workers send their requests to the parent, which writes the CSV.
+    assert _csv_rows(tmp_path / "ramp.csv") == data["timeseries"]
     assert data["config"]["processes"] == 2
     _assert_schedule_followed(data)
     # Booth b of 20 holds the slots b-1, b+19, ...: 1400 / 20 = 70 each.
@@ -94,12 +104,16 @@ def test_stages_split_over_processes(big_service: str, tmp_path: Path,
 
 def test_csv_rows_match_the_json_timeseries(ramp: tuple[dict[str, Any], int, Path]) -> None:
     data, _, folder = ramp
-    with open(folder / "ramp.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames or ()) == TIMESERIES_COLUMNS
-        rows = [{k: float(v) for k, v in row.items()} for row in reader]
+    rows = _csv_rows(folder / "ramp.csv")
     assert rows == data["timeseries"]
     assert sum(r["requests"] for r in rows) == sum(SCHEDULED)
+
+
+def test_csv_that_cannot_be_written_exits_2(big_service: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--url", big_service, "--requests", "5", "--csv", str(tmp_path)]) == 2
+    assert (f"ticketbooth-load: error: cannot write {tmp_path}: Is a directory\n"
+            in capsys.readouterr().err)
 
 
 def test_csv_is_written_while_the_run_goes(tmp_path: Path) -> None:
