@@ -158,8 +158,9 @@ def line_chart(series: Sequence[Series], x_label: str, y_label: str, caption: st
     out.append(f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + plot_h / 2})">{escape(y_label)}</text>')
     for x, label in marks:
-        out.append(f'<line class="s4 dash" x1="{px(x)}" x2="{px(x)}" y1="{top}" '
-                   f'y2="{top + plot_h}"><title>{escape(label)}</title></line>')
+        out.append(f'<line class="s4 dash mark" x1="{px(x)}" x2="{px(x)}" y1="{top}" '
+                   f'y2="{top + plot_h}"><title>{escape(label)}</title></line>'
+                   f'<text x="{px(x) + 3}" y="{top + 12}">{escape(label.split()[0])}</text>')
     for label, css, pts in series:
         if pts:
             points = " ".join(f"{px(x)},{py(y)}" for x, y in pts)
@@ -271,6 +272,9 @@ def render_run(data: dict[str, Any]) -> str:
         if config["mode"] == "open" else "",
     ]
     series = data["timeseries"]
+    # Injected faults (--faults), when the run had any: marks on the time axis and a table.
+    injected = (data.get("faults") or {}).get("injected") or []
+    marks = [(f["at_s"], f"{f['kind']} instance {f['instance']}") for f in injected]
     if series:
         throughput: list[Series] = [
             ("200 sold/s", "s2", _steps(series, "ok")),
@@ -283,12 +287,19 @@ def render_run(data: dict[str, Any]) -> str:
         body += [
             "<h2>Over time</h2>",
             line_chart(throughput, "seconds since the start", "requests/s",
-                       "Throughput by outcome, per second of completion"),
+                       "Throughput by outcome, per second of completion"
+                       + (" (dashed red lines: faults)" if marks else ""), marks),
             line_chart([(f"{k}", css, _steps(series, f"{k}_ms"))
                         for k, css in (("p50", "s1"), ("p90", "s3"), ("p99", "s4"))],
                        "seconds since the start", "latency ms",
-                       "Latency percentiles, per second of completion"),
+                       "Latency percentiles, per second of completion", marks),
         ]
+    if injected:
+        body += ["<h2>Faults</h2>", table(
+            ["at s", "kind", "instance", "answering again after s"],
+            [(f"{f['at_s']:.2f}", f["kind"], f["instance"],
+              "never" if f.get("healed_after_s") is None else f"{f['healed_after_s']:.2f}")
+             for f in injected], text_cols=(1,))]
     if data.get("stages"):
         body += ["<h2>Stages</h2>", table(
             ["stage", "from s", "rate/s", "scheduled", "sent", "target/s", "achieved/s",

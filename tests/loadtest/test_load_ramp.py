@@ -201,3 +201,16 @@ def test_html_report_shows_a_failed_check(ramp: tuple[dict[str, Any], int, Path]
     assert "sold 101 + remaining 0 != total 100" in html
     assert "<script" not in html and "http://" not in html.replace(
         'xmlns="http://www.w3.org/2000/svg"', "").replace(data["config"]["urls"][0], "")
+
+
+def test_html_report_marks_faults(ramp: tuple[dict[str, Any], int, Path]) -> None:
+    """The faults of a --faults run (their JSON: 'faults' -> 'injected') as marks and a table."""
+    data = json.loads(json.dumps(ramp[0]))
+    data["faults"] = {"injected": [
+        {"kind": "kill", "instance": 1, "at_s": 1.5, "healed_after_s": 0.42},
+        {"kind": "pause", "instance": 2, "at_s": 3.25, "healed_after_s": None}]}
+    html = render_run(data)
+    assert html.count('class="s4 dash mark"') == 4  # two faults on each of the two charts
+    assert "<title>kill instance 1</title>" in html and "<title>pause instance 2</title>" in html
+    assert "<td>1.50</td><td class=\"text\">kill</td><td>1</td><td>0.42</td>" in html
+    assert "<td>3.25</td><td class=\"text\">pause</td><td>2</td><td>never</td>" in html
