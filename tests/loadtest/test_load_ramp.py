@@ -8,18 +8,17 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from loadtest.cli import run
 from loadtest.html_report import render_run
 from loadtest.stages import Schedule, parse_stages
 from loadtest.stats import TIMESERIES_COLUMNS
-from tests.browser import ARTIFACTS, launch_chromium
+from tests.browser import ARTIFACTS
 
 #: From 100/s: up to 300/s over 2 s (400 requests), 2 s at 300/s (600), down to 100/s (400).
 STAGES = "2s:300,2s:300,2s:100"
@@ -145,14 +144,6 @@ def test_csv_is_written_while_the_run_goes(tmp_path: Path) -> None:
     # Seen before the later seconds were written: not all at once at the end of the run.
     assert len(rows_while_running) < len(final), final
     assert sum(int(line.split(",")[1]) for line in final[1:]) == 80  # 4 s from 0 to 40/s
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
