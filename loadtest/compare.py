@@ -44,7 +44,7 @@ STAGE_METRICS = (("achieved_rps",), ("latency_ms", "p50"), ("latency_ms", "p90")
                  ("latency_ms", "p99"))
 #: Settings whose difference is pointed out (the runs are still compared).
 SETTINGS = ("mode", "booths", "quantity", "rate", "requests", "duration_s", "processes",
-            "think_ms", "urls")
+            "think_ms", "spawn")
 
 
 class CompareError(Exception):

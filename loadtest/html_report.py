@@ -37,6 +37,7 @@ th, td { padding: 0.2rem 0.6rem; border-bottom: 1px solid var(--rule); text-alig
   vertical-align: top; white-space: nowrap; }
 th { background: var(--panel); }
 th:first-child, td:first-child, .text { text-align: left; } td.text { white-space: normal; }
+td.name { white-space: nowrap; }
 summary { cursor: pointer; color: var(--muted); }
 td.badge { font-weight: 700; }
 .scroll { overflow-x: auto; }
@@ -250,8 +251,9 @@ def render_run(data: dict[str, Any]) -> str:
         table(["verdict", "check", "what", "detail"],
               [("PASS" if c["passed"] else "FAIL", c["name"], c["title"], c["detail"])
                for c in data["checks"]], text_cols=(1, 2, 3),
-              cell_class={(i, 0): "badge " + ("pass" if c["passed"] else "fail")
-                          for i, c in enumerate(data["checks"])}),
+              cell_class={(i, col): ("badge " + ("pass" if c["passed"] else "fail")) if col == 0
+                          else "name"
+                          for i, c in enumerate(data["checks"]) for col in (0, 1)}),
     ]
     if data["thresholds"]:
         body += ["<h2>Thresholds</h2>", table(
@@ -267,9 +269,9 @@ def render_run(data: dict[str, Any]) -> str:
               [(data["requests"], f"{data['elapsed_s']:.2f}", f"{data['throughput_rps']:.1f}",
                 data["tickets_acknowledged"], data["tickets_unknown"],
                 data["sold_out_responses"], f"{data['error_rate']:.2%}")]),
-        table([f"latency {k} ms" for k in lat], [[_ms(v) for v in lat.values()]]),
-        '<p class="muted">Latency is measured from each request\'s intended send time.</p>'
-        if config["mode"] == "open" else "",
+        table([f"{k} ms" for k in lat], [[_ms(v) for v in lat.values()]]),
+        '<p class="muted">Latency percentiles (ms) are measured from each request\'s intended '
+        "send time.</p>" if config["mode"] == "open" else "",
     ]
     series = data["timeseries"]
     # Injected faults (--faults), when the run had any: marks on the time axis and a table.
