@@ -289,7 +289,8 @@ class _Booth:
         plan = control.plan
         stop, deadline, due = control.stop, control.deadline, plan.send_time
         limit = plan.requests if plan.schedule is None else plan.schedule.total
-        sent_at = self.stats.sent_at
+        st = self.stats  # each request: when it was sent, where its records begin
+        sent_at, sent_record, records = st.sent_at, st.sent_record, st.outcome
         until_sold_out = plan.until_sold_out
         perf = time.perf_counter
         slot, step = self.index, plan.booths  # the index is global across processes
@@ -304,6 +305,7 @@ class _Booth:
             if delay > 0 and stop.wait(delay):
                 break
             sent_at.append(perf() - control.origin)
+            sent_record.append(len(records))
             outcome = self._buy(intended)
             if outcome == OUTCOME_SOLD_OUT and until_sold_out:
                 break

@@ -2,9 +2,10 @@
 
 A booth's ``i``-th open-loop request holds the slot ``booth - 1 + i * booths``
 (slots are global across processes), so its intended send time follows from
-the plan; ``BoothStats.sent_at`` holds when it was actually sent.  A request
-belongs to the stage its slot is scheduled in; a stage's achieved rate counts
-the requests actually sent within its time window.
+the plan; ``BoothStats.sent_at`` holds when it was actually sent, and
+``BoothStats.sent_record`` where its records begin (a request may record more
+than one attempt).  A request belongs to the stage its slot is scheduled in; a
+stage's achieved rate counts the requests actually sent within its time window.
 """
 
 from __future__ import annotations
@@ -28,17 +29,19 @@ class _Sent:
     slot: int
     intended: float
     sent: float
-    latency_us: int
-    outcome: int
+    #: The request's records: (latency_us, outcome) of each attempt.
+    records: list[tuple[int, int]]
 
 
 def _sent(plan: LoadPlan, booths: Sequence[BoothStats]) -> Iterator[_Sent]:
     for b in booths:
         first = b.booth - 1
-        for i, (sent, latency, outcome) in enumerate(zip(b.sent_at, b.latency_us, b.outcome,
-                                                         strict=False)):
+        ends = [*b.sent_record[1:], len(b.outcome)]
+        for i, (sent, start, end) in enumerate(zip(b.sent_at, b.sent_record, ends,
+                                                   strict=True)):
             slot = first + i * plan.booths
-            yield _Sent(slot, plan.send_time(slot), sent, latency, outcome)
+            records = list(zip(b.latency_us[start:end], b.outcome[start:end], strict=True))
+            yield _Sent(slot, plan.send_time(slot), sent, records)
 
 
 def lateness(plan: LoadPlan, booths: Sequence[BoothStats]) -> dict[str, Any] | None:
@@ -66,13 +69,16 @@ def stage_rows(plan: LoadPlan, booths: Sequence[BoothStats]) -> list[dict[str, A
     latencies: list[list[int]] = [[] for _ in scheduled]
     outcomes = [[0, 0, 0] for _ in scheduled]
     in_window = [0] * len(scheduled)
+    sent = [0] * len(scheduled)
     late = [0] * len(scheduled)
     for r in _sent(plan, booths):
         # By slot, not by time, so that the counts add up to the scheduled ones exactly (the
         # rightmost match skips the stages that hold no request).
         i = bisect_right(firsts, r.slot) - 1
-        latencies[i].append(r.latency_us)
-        outcomes[i][r.outcome] += 1
+        sent[i] += 1
+        for latency_us, outcome in r.records:
+            latencies[i].append(latency_us)
+            outcomes[i][outcome] += 1
         late[i] += (r.sent - r.intended) * 1000.0 > LATE_MS
         if r.sent < schedule.duration:
             in_window[schedule.stage_of(r.sent)] += 1
@@ -86,7 +92,7 @@ def stage_rows(plan: LoadPlan, booths: Sequence[BoothStats]) -> list[dict[str, A
             "start_rate": begin,
             "end_rate": stage.target,
             "scheduled": scheduled[i],
-            "sent": len(ordered),
+            "sent": sent[i],
             "target_rps": scheduled[i] / stage.duration,
             "achieved_rps": in_window[i] / stage.duration,
             "late": late[i],

@@ -72,8 +72,10 @@ class BoothStats:
     #: OUTCOME_* of each request.
     outcome: array[int] = field(default_factory=lambda: array("b"))
     #: Open loop only: when each request was actually sent, seconds since the run started
-    #: (its intended send time follows from its slot), so lateness and achieved rates show.
+    #: (its intended send time follows from its slot), so lateness and achieved rates show,
+    #: and the index of its first record in the arrays above.
     sent_at: array[float] = field(default_factory=lambda: array("d"))
+    sent_record: array[int] = field(default_factory=lambda: array("q"))
 
     @property
     def error_count(self) -> int:

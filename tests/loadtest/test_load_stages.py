@@ -1,11 +1,15 @@
-"""``--stages``: the stage arithmetic (pure, exact) and the command line's parsing of it."""
+"""``--stages``: the stage arithmetic (pure, exact), the per-stage breakdown of what the booths
+recorded, and the command line's parsing of it."""
 
 from __future__ import annotations
 
 import pytest
 
+from loadtest.booths import LoadPlan
 from loadtest.cli import run
+from loadtest.stage_report import lateness, stage_rows
 from loadtest.stages import Schedule, Stage, parse_duration, parse_stages
+from loadtest.stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_SOLD_OUT, BoothStats
 
 #: A ramp 0 -> 100/s over 10 s (N = 5 t^2), a plateau at 100/s for 10 s (N = 500 + 100 u),
 #: a ramp down to 0 over 10 s (N = 1500 + 100 u - 5 u^2): 500 + 1000 + 500 requests.
@@ -139,3 +143,40 @@ def test_help_lists_the_new_options(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for option in ("--stages", "--start-rate", "--html", "--csv", "compare BASE.json NEW.json"):
         assert option in out
+
+
+def _booth(number: int, requests: list[tuple[float, list[tuple[int, int]]]]) -> BoothStats:
+    """A booth's stats: each request's actual send time and its records (latency_us, outcome),
+    as the open loop writes them."""
+    stats = BoothStats(booth=number, url="http://127.0.0.1:1")
+    for sent, records in requests:
+        stats.sent_at.append(sent)
+        stats.sent_record.append(len(stats.outcome))
+        for latency_us, outcome in records:
+            stats.record(sent + latency_us / 1e6, latency_us, outcome)
+    return stats
+
+
+def test_stage_breakdown_and_lateness() -> None:
+    """Two stages at 2/s: slots 0..3 due at 0, 0.5, 1, 1.5; booth 1 holds 0 and 2, booth 2 holds
+    1 and 3. Slot 2 is sent 20 ms late and records two attempts (an error, then a sale)."""
+    plan = LoadPlan(urls=("http://127.0.0.1:1",), booths=2, duration=2.0,
+                    schedule=Schedule((Stage(1, 2), Stage(1, 2)), start_rate=2))
+    booths = [_booth(1, [(0.0, [(10_000, OUTCOME_OK)]),
+                         (1.02, [(25_000, OUTCOME_ERROR), (30_000, OUTCOME_OK)])]),
+              _booth(2, [(0.5, [(5_000, OUTCOME_OK)]), (1.5, [(3_000, OUTCOME_SOLD_OUT)])])]
+    rows = stage_rows(plan, booths)
+    assert rows is not None
+    assert [(r["scheduled"], r["sent"], r["achieved_rps"], r["target_rps"], r["late"])
+            for r in rows] == [(2, 2, 2.0, 2.0, 0), (2, 2, 2.0, 2.0, 1)]
+    assert [(r["ok"], r["sold_out"], r["errors"]) for r in rows] == [(2, 0, 0), (1, 1, 1)]
+    assert rows[0]["latency_ms"] == {"p50": 5.0, "p90": 10.0, "p99": 10.0}
+    assert rows[1]["latency_ms"] == {"p50": 25.0, "p90": 30.0, "p99": 30.0}
+    assert [(r["start_s"], r["start_rate"], r["end_rate"]) for r in rows] == [(0, 2, 2),
+                                                                              (1, 2, 2)]
+    late = lateness(plan, booths)
+    assert late is not None
+    assert (late["sent"], late["late"], late["threshold_ms"]) == (4, 1, 10.0)
+    assert late["max_ms"] == pytest.approx(20.0)
+    assert stage_rows(LoadPlan(urls=plan.urls, rate=2.0), booths) is None
+    assert lateness(LoadPlan(urls=plan.urls), booths) is None  # closed loop
