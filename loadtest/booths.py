@@ -24,6 +24,8 @@ Two loops:
   booth ``b`` of ``n`` taking the slots ``b, b + n, b + 2n, ...``; latency is
   measured from a request's *intended* send time, so a stalled server cannot
   hide its delay by holding the booths back (coordinated-omission correction).
+  With a ``schedule`` (``--stages``) the slots are due at the times it gives
+  instead, the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import urllib3.connection
 import urllib3.exceptions
 import urllib3.util
 
+from loadtest.stages import Schedule
 from loadtest.stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_SOLD_OUT, BoothStats
 
 __all__ = ["LoadPlan", "LoadResult", "classify_exception", "run_load"]
@@ -82,6 +85,8 @@ class LoadPlan:
     think_s: float = 0.0
     timeout: float = 10.0
     processes: int = 1
+    #: ``--stages``: an open loop whose rate ramps (``duration`` is then the stages' total).
+    schedule: Schedule | None = None
 
     @property
     def until_sold_out(self) -> bool:
@@ -89,7 +94,14 @@ class LoadPlan:
 
     @property
     def mode(self) -> str:
-        return "open" if self.rate else "closed"
+        return "open" if self.rate or self.schedule else "closed"
+
+    def send_time(self, slot: int) -> float:
+        """Seconds after the start at which open-loop request ``slot`` is due."""
+        if self.schedule is not None:
+            return self.schedule.send_time(slot)
+        assert self.rate
+        return slot / self.rate
 
 
 @dataclass
@@ -237,7 +249,7 @@ class _Booth:
             early = self.control.origin - time.perf_counter()  # a start set by another process
             if early > 0 and self.control.stop.wait(early):
                 return
-            if self.control.plan.rate:
+            if self.control.plan.mode == "open":
                 self._open_loop()
             else:
                 self._closed_loop()
@@ -275,8 +287,10 @@ class _Booth:
     def _open_loop(self) -> None:
         control = self.control
         plan = control.plan
-        assert plan.rate
-        stop, deadline, rate, limit = control.stop, control.deadline, plan.rate, plan.requests
+        stop, deadline, due = control.stop, control.deadline, plan.send_time
+        limit = plan.requests if plan.schedule is None else plan.schedule.total
+        st = self.stats  # each request: when it was sent, where its records begin
+        sent_at, sent_record, records = st.sent_at, st.sent_record, st.outcome
         until_sold_out = plan.until_sold_out
         perf = time.perf_counter
         slot, step = self.index, plan.booths  # the index is global across processes
@@ -284,12 +298,14 @@ class _Booth:
         while not stop.is_set():
             if limit is not None and slot >= limit:
                 break
-            intended = control.origin + slot / rate
+            intended = control.origin + due(slot)
             if deadline is not None and intended >= deadline:
                 break
             delay = intended - perf()
             if delay > 0 and stop.wait(delay):
                 break
+            sent_at.append(perf() - control.origin)
+            sent_record.append(len(records))
             outcome = self._buy(intended)
             if outcome == OUTCOME_SOLD_OUT and until_sold_out:
                 break
