@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
+from loadtest.history import Purchase
+
 __all__ = [
     "ERROR_KINDS",
     "OUTCOME_ERROR",
@@ -69,6 +71,8 @@ class BoothStats:
     latency_us: array[int] = field(default_factory=lambda: array("q"))
     #: OUTCOME_* of each request.
     outcome: array[int] = field(default_factory=lambda: array("b"))
+    #: Keyed purchases and their attempts (``--idempotent``, ``--faults``).
+    purchases: list[Purchase] = field(default_factory=list)
 
     @property
     def error_count(self) -> int:
