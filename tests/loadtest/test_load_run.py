@@ -19,7 +19,7 @@ JSON_FIELDS = {
     "version", "started_at", "config", "interrupted", "elapsed_s", "requests", "throughput_rps",
     "tickets_acknowledged", "tickets_unknown", "sold_out_responses", "status_counts", "errors",
     "error_rate", "latency_ms", "booths", "remaining_before", "remaining_after", "checks",
-    "thresholds", "timeseries", "exit_status",
+    "thresholds", "timeseries", "faults", "exit_status",
 }
 
 
