@@ -7,11 +7,15 @@ section.  ``loadtest.cli`` calls in here at a few points; the mechanisms live in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 from loadtest.argtypes import non_negative_int, positive_float, positive_int
@@ -164,6 +168,28 @@ class FaultRun:
         return ""
 
 
+@contextlib.contextmanager
+def _interrupt_heals(injector: FaultInjector | None) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) interrupts the run as Ctrl-C always does, and first ends the fault
+    in progress: a paused service is continued at once, so the booths' requests in flight
+    are answered instead of waiting out their timeout."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if injector is not None:
+            injector.stop_soon()
+        signal.default_int_handler(signum, frame)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def start(args: argparse.Namespace, stack: ExitStack) -> FaultRun | None:
     """With --faults or --instances: spawn the fleet (and the injector) on ``stack``, so
     that they are stopped however the run ends; None for an ordinary run."""
@@ -172,10 +198,12 @@ def start(args: argparse.Namespace, stack: ExitStack) -> FaultRun | None:
     fleet = stack.enter_context(spawned_fleet(args.instances, spawn_tickets(args),
                                               args.store or "memory", args.server_arg))
     if not args.faults:
+        stack.enter_context(_interrupt_heals(None))
         return FaultRun(fleet)
     plan = FaultPlan(args.faults, args.fault_every, args.pause_for, args.seed)
     # Entered after the fleet, so left before it: the injector stops before the services.
     injector = stack.enter_context(FaultInjector(fleet, plan, args.duration))
+    stack.enter_context(_interrupt_heals(injector))
     return FaultRun(fleet, injector, plan)
 
 

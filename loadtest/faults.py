@@ -262,6 +262,10 @@ class FaultInjector:
         self._thread = threading.Thread(target=self._run, name="fault-injector", daemon=True)
         self._thread.start()
 
+    def stop_soon(self) -> None:
+        """Inject no more, and end a pause in progress now (safe in a signal handler)."""
+        self._stop.set()
+
     def finish(self) -> None:
         """Stop injecting; wait for the fault in progress to heal (bounded)."""
         self._stop.set()
