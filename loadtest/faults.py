@@ -284,8 +284,9 @@ class FaultInjector:
                 return  # the previous fault took too long to heal: keep the last interval free
             try:
                 self._inject(planned.kind, self.fleet.instances[planned.instance])
-            except SpawnError as exc:
-                self.error = str(exc)
+            except Exception as exc:  # the run fails with the reason, told by the main thread
+                self.error = str(exc) if isinstance(exc, SpawnError) else (
+                    f"injecting {planned.kind} into instance {planned.instance + 1}: {exc!r}")
                 return
 
     def _inject(self, kind: str, instance: Instance) -> None:

