@@ -7,7 +7,8 @@ kernel's ephemeral range, so that no outgoing connection (a booth's, while its s
 is down) can take a port its service needs again.  A fault comes every ``--fault-every``
 seconds, the first after one interval, none in the last interval, so that the run ends
 healed; they hit the instances in turn (or at random with ``--seed``) and never two at
-once: the injector waits for an instance to answer again before the next fault.
+once: the next fault waits until the instance answers again and half an interval more, so
+that the booths sell between any two faults.
 """
 
 from __future__ import annotations
@@ -277,13 +278,15 @@ class FaultInjector:
 
     def _run(self) -> None:
         last_allowed = self.duration - self.plan.every
+        ready = 0.0  # when the booths have had half an interval since the last fault healed
         for planned in self.schedule:
-            if self._stop.wait(max(planned.at - self._now(), 0.0)):
+            if self._stop.wait(max(max(planned.at, ready) - self._now(), 0.0)):
                 return
             if self._now() >= last_allowed:
                 return  # the previous fault took too long to heal: keep the last interval free
             try:
                 self._inject(planned.kind, self.fleet.instances[planned.instance])
+                ready = self._now() + self.plan.every / 2
             except Exception as exc:  # the run fails with the reason, told by the main thread
                 self.error = str(exc) if isinstance(exc, SpawnError) else (
                     f"injecting {planned.kind} into instance {planned.instance + 1}: {exc!r}")

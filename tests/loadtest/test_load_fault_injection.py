@@ -204,11 +204,13 @@ def _history(path: Path) -> list[dict[str, Any]]:
 
 
 def test_sqlite_survives_kill_term_and_pause(tmp_path: Path) -> None:
-    """At least five faults of every kind, sales after each, and every check passes."""
+    """At least five faults of every kind, sales after each, and every check passes. (A
+    restart takes up to 3 s on a busy machine, and the next fault waits for it and half an
+    interval more: the duration leaves room for five of them then.)"""
     out, history = tmp_path / "run.json", tmp_path / "history.jsonl"
     status = run(["--spawn", "--store", f"sqlite:///{tmp_path / 'chaos.db'}",
-                  "--faults", "kill,term,pause", "--fault-every", "1.5", "--duration", "11",
-                  "--booths", "4", "--rate", "300", "--json", str(out), "--history",
+                  "--faults", "kill,term,pause", "--fault-every", "1", "--duration", "15",
+                  "--booths", "4", "--rate", "200", "--json", str(out), "--history",
                   str(history), "--quiet"])
     data = _result(out)
     assert status == 0, data["checks"]
@@ -216,7 +218,8 @@ def test_sqlite_survives_kill_term_and_pause(tmp_path: Path) -> None:
     assert len(faults["injected"]) >= 5
     assert set(faults["totals"]) == {"kill", "term", "pause"}
     assert all(f["healed_after_s"] is not None for f in faults["injected"])
-    assert all(f["tickets_until_next"] > 0 for f in faults["injected"]), faults["injected"]
+    # More than the 4 purchases in flight at each fault: new ones sold between faults.
+    assert all(f["tickets_until_next"] > 4 for f in faults["injected"]), faults["injected"]
     assert [c["name"] for c in data["checks"]][4:] == ["acknowledged-durable",
                                                        "retries-sold-once"]
     assert all(c["passed"] for c in data["checks"])
