@@ -27,6 +27,7 @@ from loadtest.faults import (
     FaultPlan,
     Fleet,
     buyers_view,
+    longest_without_sale,
     spawned_fleet,
     tickets_between,
     totals_by_kind,
@@ -233,6 +234,7 @@ class FaultSection:
     retry_for: float
     faults: list[Fault] = field(default_factory=list)
     tickets_after: list[int] = field(default_factory=list)
+    no_sale: list[float | None] = field(default_factory=list)
     buyers: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -241,7 +243,8 @@ class FaultSection:
         purchases = purchases_of(stats)
         faults = list(run.injector.faults) if run and run.injector else []
         return cls(run.plan if run else None, instances, retry_for, faults,
-                   tickets_between(faults, purchases), buyers_view(purchases))
+                   tickets_between(faults, purchases), longest_without_sale(faults, purchases),
+                   buyers_view(purchases))
 
     def lines(self) -> list[str]:
         b = self.buyers
@@ -254,11 +257,14 @@ class FaultSection:
                     + (f", seed {self.plan.seed}" if self.plan.seed is not None else "")
                     + (f"; answering again after {max(healed):.2f} s at most" if healed
                        else ""),
-                    "  #       at  kind   instance  answering after  tickets until next"]
-            for i, (f, n) in enumerate(zip(self.faults, self.tickets_after, strict=True), 1):
+                    "  #       at  kind   instance  answering after  no sale for  "
+                    "tickets until next"]
+            rows = zip(self.faults, self.no_sale, self.tickets_after, strict=True)
+            for i, (f, gap, n) in enumerate(rows, 1):
                 back = "never" if f.healed_after is None else f"{f.healed_after:.2f} s"
+                sold = "the rest" if gap is None else f"{gap:.2f} s"
                 out.append(f"  {i:<3} {f.at:6.2f} s  {f.kind:<5}  {f.instance + 1:>8}  "
-                           f"{back:>15}  {n:>18}")
+                           f"{back:>15}  {sold:>11}  {n:>18}")
         out += [f"purchases   {b['purchases']} keyed, {b['retried']} retried "
                 f"({b['retries']} retries, retried for {self.retry_for:g} s at most); longest "
                 f"wait for an answer {b['longest_wait_s']:.2f} s",
@@ -272,8 +278,10 @@ class FaultSection:
             "plan": self.plan.as_dict() if self.plan else None,
             "instances": self.instances,
             "retry_for_s": self.retry_for,
-            "injected": [dict(f.as_dict(), tickets_until_next=n)
-                         for f, n in zip(self.faults, self.tickets_after, strict=True)],
+            "injected": [dict(f.as_dict(), tickets_until_next=n,
+                              longest_without_sale_s=None if gap is None else round(gap, 3))
+                         for f, gap, n in zip(self.faults, self.no_sale, self.tickets_after,
+                                              strict=True)],
             "totals": totals_by_kind(self.faults),
             "buyers": self.buyers,
         }

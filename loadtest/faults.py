@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import random
 import signal
 import subprocess
@@ -39,6 +40,7 @@ __all__ = [
     "buyers_view",
     "ephemeral_range",
     "fault_schedule",
+    "longest_without_sale",
     "pick_ports",
     "spawned_fleet",
     "tickets_between",
@@ -320,6 +322,30 @@ def tickets_between(faults: Sequence[Fault], purchases: Iterable[Purchase]) -> l
         if p.answer == "sold" and slot >= 0:
             counts[slot] += len(p.serials)
     return counts
+
+
+def longest_without_sale(faults: Sequence[Fault], purchases: Iterable[Purchase]
+                         ) -> list[float | None]:
+    """The downtime each fault caused as the buyers saw it: the longest stretch, from the
+    fault until the next one (or the end), in which its instance sold nothing (None: it
+    sold nothing at all after the fault)."""
+    sales: dict[int, list[float]] = {}
+    for p in purchases:
+        for a in p.attempts:
+            if a.outcome == "200":
+                sales.setdefault(a.instance, []).append(a.end)
+    for ends in sales.values():
+        ends.sort()
+    out: list[float | None] = []
+    for n, f in enumerate(faults):
+        until = faults[n + 1].at if n + 1 < len(faults) else math.inf
+        ends = sales.get(f.instance, [])
+        window = ends[bisect.bisect_left(ends, f.at):bisect.bisect_left(ends, until)]
+        if not window:
+            out.append(None)
+            continue
+        out.append(max(b - a for a, b in zip([f.at, *window], window, strict=False)))
+    return out
 
 
 def buyers_view(purchases: Sequence[Purchase]) -> dict[str, float | int]:

@@ -18,7 +18,15 @@ from typing import Any
 import pytest
 
 from loadtest.cli import run
-from loadtest.faults import Fault, FaultPlan, Instance, fault_schedule, pick_ports, tickets_between
+from loadtest.faults import (
+    Fault,
+    FaultPlan,
+    Instance,
+    fault_schedule,
+    longest_without_sale,
+    pick_ports,
+    tickets_between,
+)
 from loadtest.history import Attempt, Purchase, Reply, judge
 from loadtest.keyed_checks import check_acknowledged_durable, check_retries_sold_once
 from loadtest.spawn import SpawnError
@@ -166,6 +174,22 @@ def test_tickets_between_faults_count_by_answer_time() -> None:
     assert tickets_between(faults, purchases) == [3, 2]
 
 
+def test_downtime_is_the_longest_stretch_without_a_sale_on_the_faulted_instance() -> None:
+    faults = [Fault("kill", 0, 1.0), Fault("pause", 1, 2.0), Fault("kill", 0, 5.0)]
+    attempts = [
+        Attempt(0.8, 0.9, 0, "200", 200, (1,)),  # before the first fault: not counted
+        Attempt(1.0, 1.05, 0, "200", 200, (2,)),  # in flight at the kill, answered: 0.05
+        Attempt(1.1, 1.2, 0, "refused"),
+        Attempt(1.6, 1.75, 0, "200", 200, (3,)),  # the first after the restart: 0.7 s gap
+        Attempt(2.1, 3.0, 1, "200", 200, (4,)),  # the paused instance: 1.0 s from its fault
+        Attempt(3.1, 3.2, 1, "200", 200, (5,)),
+        Attempt(3.2, 3.3, 0, "200", 200, (6,)),  # instance 1 after the second fault: ignored
+    ]
+    purchases = [Purchase("k", 1, 1, attempts, "sold", (6,))]
+    assert longest_without_sale(faults, purchases) == [
+        pytest.approx(0.7), pytest.approx(1.0), None]
+
+
 # --- usage ----------------------------------------------------------------------------------
 
 
@@ -218,6 +242,7 @@ def test_sqlite_survives_kill_term_and_pause(tmp_path: Path) -> None:
     assert len(faults["injected"]) >= 5
     assert set(faults["totals"]) == {"kill", "term", "pause"}
     assert all(f["healed_after_s"] is not None for f in faults["injected"])
+    assert all(f["longest_without_sale_s"] is not None for f in faults["injected"])
     # More than the 4 purchases in flight at each fault: new ones sold between faults.
     assert all(f["tickets_until_next"] > 4 for f in faults["injected"]), faults["injected"]
     assert [c["name"] for c in data["checks"]][4:] == ["acknowledged-durable",
