@@ -215,6 +215,14 @@ def test_fault_usage_errors_exit_2(argv: list[str], message: str,
     assert err.count("error:") == 1
 
 
+def test_help_lists_the_fault_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--faults", "--fault-every", "--pause-for", "--seed", "--instances",
+                   "--idempotent", "--retry-for", "--history"):
+        assert f"  {option} " in out
+
+
 # --- real runs -----------------------------------------------------------------------------
 
 
