@@ -46,6 +46,7 @@ import urllib3.exceptions
 import urllib3.util
 
 from loadtest.stages import Schedule
+from loadtest.history import Reply, buy_until_answered
 from loadtest.stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_SOLD_OUT, BoothStats
 
 __all__ = ["LoadPlan", "LoadResult", "classify_exception", "run_load"]
@@ -87,6 +88,10 @@ class LoadPlan:
     processes: int = 1
     #: ``--stages``: an open loop whose rate ramps (``duration`` is then the stages' total).
     schedule: Schedule | None = None
+    #: Every purchase carries an Idempotency-Key and is retried until it has a definite
+    #: answer, for at most ``retry_for`` seconds (``--idempotent``, ``--faults``).
+    idempotent: bool = False
+    retry_for: float = 30.0
 
     @property
     def until_sold_out(self) -> bool:
@@ -219,6 +224,7 @@ class _Booth:
         self.index = index
         self.control = control
         self.stats = BoothStats(booth=index + 1, url=url)
+        self.instance = plan.urls.index(url)
         self.failure: BaseException | None = None
         self.last_done = -math.inf  # when this booth's last answer (or failure) came
         self.finished_at = 0.0
@@ -314,9 +320,8 @@ class _Booth:
                 break
             slot += step
 
-    def _buy(self, intended: float) -> int:
-        """Send one purchase, record it, and answer its OUTCOME_*."""
-        st = self.stats
+    def _exchange(self, intended: float, key: str | None = None) -> Reply:
+        """Send one purchase on the booth's connection; its status and body, or the failure."""
         conn = self.conn
         try:
             if intended - self.last_done > _IDLE_CHECK_S and not conn.is_connected:
@@ -325,20 +330,32 @@ class _Booth:
             conn.putheader("Host", self.host)
             conn.putheader("Content-Type", self.content_type)
             conn.putheader("Content-Length", self.content_length)
+            if key is not None:
+                conn.putheader("Idempotency-Key", key)
             conn.endheaders(self.body)
             response = _getresponse(conn)
             body = response.read()  # read the whole body: the connection can be reused
         except _WIRE_ERRORS as exc:
             conn.close()  # a connection in an unknown state: the next request reconnects
-            now = self.last_done = time.perf_counter()
+            self.last_done = time.perf_counter()
             kind, maybe_sent = classify_exception(_as_urllib3_error(exc))
-            st.errors[kind] += 1
+            return Reply(None, b"", kind, maybe_sent)
+        self.last_done = time.perf_counter()
+        return Reply(response.status, body)
+
+    def _buy(self, intended: float) -> int:
+        """Send one purchase, record it, and answer its OUTCOME_*."""
+        if self.control.plan.idempotent:
+            return self._buy_keyed(intended)
+        st = self.stats
+        status, body, failure, maybe_sent = self._exchange(intended)
+        now = self.last_done
+        if status is None:
+            st.errors[failure] += 1
             if maybe_sent:
                 st.unknown_tickets += self.control.plan.quantity
             st.record(now - self.control.origin, int((now - intended) * 1e6), OUTCOME_ERROR)
             return OUTCOME_ERROR
-        now = self.last_done = time.perf_counter()
-        status = response.status
         st.status_counts[status] += 1
         if status == 200:
             try:
@@ -359,6 +376,47 @@ class _Booth:
             st.errors["5xx" if status >= 500 else "other"] += 1
             outcome = OUTCOME_ERROR
         st.record(now - self.control.origin, int((now - intended) * 1e6), outcome)
+        return outcome
+
+    def _buy_keyed(self, intended: float) -> int:
+        """One keyed purchase, retried until it has an answer (loadtest.history); each
+        attempt counts as a request, the purchase's answer once."""
+        control, st = self.control, self.stats
+        plan, origin = control.plan, control.origin
+        first = True
+
+        def send(key: str) -> Reply:
+            nonlocal first
+            at, first = (intended if first else time.perf_counter()), False
+            return self._exchange(at, key)
+
+        purchase = buy_until_answered(send, plan.quantity, booth=st.booth,
+                                      instance=self.instance, origin=origin,
+                                      retry_for=plan.retry_for, stop=control.stop)
+        st.purchases.append(purchase)
+        outcome = OUTCOME_ERROR
+        for i, attempt in enumerate(purchase.attempts):
+            status = attempt.status
+            if status is None:
+                st.errors[attempt.outcome if attempt.outcome != "connect" else "other"] += 1
+                outcome = OUTCOME_ERROR
+            else:
+                st.status_counts[status] += 1
+                if attempt.outcome == "200":
+                    outcome = OUTCOME_OK
+                elif attempt.outcome == "409 sold_out":
+                    st.sold_out += 1
+                    outcome = OUTCOME_SOLD_OUT
+                else:
+                    st.errors["5xx" if status >= 500 else "other"] += 1
+                    outcome = OUTCOME_ERROR
+            sent = intended - origin if i == 0 else attempt.start
+            st.record(attempt.end, int((attempt.end - sent) * 1e6), outcome)
+        if purchase.answer == "sold":
+            st.serials.extend(purchase.serials)
+            st.tickets += len(purchase.serials)
+        elif purchase.answer == "unknown":
+            st.unknown_tickets += plan.quantity
         return outcome
 
 

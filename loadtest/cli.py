@@ -19,6 +19,7 @@ from typing import IO
 
 import requests
 
+from loadtest import faultrun
 from loadtest.argtypes import non_negative_float, positive_float, positive_int
 from loadtest.booths import LoadPlan, classify_exception, run_load
 from loadtest.checks import (
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fail when the 99th percentile latency is above MS milliseconds")
     limits.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION",
                         help="fail when errors / requests is above FRACTION (0..1), e.g. 0.01")
+    faultrun.add_arguments(p)
     return p
 
 
@@ -202,6 +204,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for flag, path in (("--plot", args.plot), ("--html", args.html), ("--csv", args.csv)):
         if path == "-":
             parser.error(f"{flag} needs a file path")
+    faultrun.check_arguments(args, parser)
     return args
 
 
@@ -244,11 +247,12 @@ def _plan(args: argparse.Namespace, urls: Sequence[str]) -> LoadPlan:
                     requests=args.requests,
                     duration=schedule.duration if schedule else args.duration, rate=args.rate,
                     think_s=args.think / 1000.0, timeout=args.timeout,
-                    processes=args.processes, schedule=schedule)
+                    processes=args.processes, schedule=schedule,
+                    idempotent=faultrun.keyed(args), retry_for=args.retry_for)
 
 
 def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, object] | None,
-             out: IO[str]) -> int:
+             out: IO[str], chaos: faultrun.FaultRun | None = None) -> int:
     before = read_remaining(urls[0])
     for url in dict.fromkeys(urls[1:]):
         _get_json(url + "/healthz")
@@ -257,6 +261,7 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
     # The bar only on a terminal: never in pipes or CI logs (with --json - stdout is the JSON).
     show_bar = sys.stdout.isatty() and out.isatty() and not args.quiet
     progress = Progress(plan, before.remaining, enabled=show_bar, stream=out)
+    update = chaos.ticker(progress.update) if chaos else progress.update
     try:
         stream = CsvStream(args.csv) if args.csv else None
     except OSError as exc:
@@ -265,7 +270,7 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
     try:
         if plan.processes > 1:
             def tick_processes(requests: int, tickets: int, errors: int, elapsed: float) -> None:
-                progress.update(requests, tickets, errors, elapsed)
+                update(requests, tickets, errors, elapsed)
                 if stream is not None:
                     stream.tick(elapsed)
 
@@ -275,8 +280,8 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
             new_entries = NewEntries()
 
             def tick(booths: Sequence[BoothStats], elapsed: float) -> None:
-                progress.update(sum(b.requests for b in booths), sum(b.tickets for b in booths),
-                                sum(b.error_count for b in booths), elapsed)
+                update(sum(b.requests for b in booths), sum(b.tickets for b in booths),
+                       sum(b.error_count for b in booths), elapsed)
                 if stream is not None:
                     stream.add(new_entries(booths))
                     stream.tick(elapsed)
@@ -288,6 +293,7 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
         progress.close()
         if stream is not None:
             stream.close()
+    fault_error = chaos.heal() if chaos else ""
     after: Snapshot | None = None
     after_error = ""
     try:
@@ -298,11 +304,15 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
     checks = run_checks(RunRecord(serials=stats.serials(), before=before, after=after,
                                   acknowledged=stats.tickets, unknown=stats.unknown_tickets,
                                   after_error=after_error))
+    faults = None
+    if plan.idempotent:
+        checks += faultrun.keyed_checks(stats, urls[0], PROBE_TIMEOUT)
+        faults = faultrun.FaultSection.of(chaos, stats, len(dict.fromkeys(urls)), plan.retry_for)
     thresholds = check_thresholds(latency_summary(stats.histogram)["p99"], stats.error_rate,
                                   args.max_p99_ms, args.max_error_rate)
     report = Report(plan=plan, stats=stats, elapsed=result.elapsed, started_at=started_at,
                     before=before, after=after, checks=checks, thresholds=thresholds,
-                    interrupted=result.interrupted, spawn=spawn)
+                    interrupted=result.interrupted, spawn=spawn, faults=faults)
     if result.interrupted:
         report.exit_status = EXIT_INTERRUPTED
     elif report.failed_checks:
@@ -315,7 +325,12 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
         print("\n".join([*fails, verdict(report)]), file=out)
     else:
         print(format_text(report), file=out)
+    if fault_error:
+        print(f"{PROG}: error: {fault_error}", file=sys.stderr)
+        report.exit_status = EXIT_USAGE
     try:
+        if args.history:
+            faultrun.save_history(args.history, stats)
         if args.plot:
             write_plot(report, args.plot)
         if args.html:
@@ -345,17 +360,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     out = sys.stderr if args.json_path == "-" else sys.stdout
     try:
         with ExitStack() as stack:
+            chaos = faultrun.start(args, stack)
             if args.spawn:
-                tickets = args.tickets or 100
+                tickets = faultrun.spawn_tickets(args)
                 store = args.store or "memory"
-                url = stack.enter_context(spawned_service(tickets, store, args.server_arg))
                 spawn: dict[str, object] | None = {
                     "tickets": tickets, "store": store, "server_args": list(args.server_arg)}
-                urls = [url]
+                if chaos and chaos.fleet:
+                    urls = chaos.fleet.urls
+                    spawn = {**(spawn or {}), "instances": len(urls)}
+                else:
+                    urls = [stack.enter_context(spawned_service(tickets, store,
+                                                                args.server_arg))]
             else:
                 spawn = None
                 urls = args.url or [DEFAULT_URL]
-            return _execute(args, urls, spawn, out)
+            return _execute(args, urls, spawn, out, chaos)
     except (ServiceError, SpawnError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -6,12 +6,15 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from loadtest.booths import LoadPlan
 from loadtest.checks import CheckResult, Snapshot, ThresholdResult
 from loadtest.stage_report import lateness, stage_lines, stage_rows
 from loadtest.stats import ERROR_KINDS, BoothStats, RunStats, latency_summary, timeseries
+
+if TYPE_CHECKING:
+    from loadtest.faultrun import FaultSection
 
 __all__ = ["JSON_VERSION", "Progress", "Report", "format_text", "to_json", "write_plot"]
 
@@ -34,6 +37,8 @@ class Report:
     interrupted: bool = False
     spawn: dict[str, Any] | None = None
     exit_status: int = 0
+    #: Keyed purchases and injected faults (--idempotent, --faults), else None.
+    faults: FaultSection | None = None
 
     @property
     def latency(self) -> dict[str, float]:
@@ -139,6 +144,7 @@ def format_text(report: Report) -> str:
         f"errors      {errors}  (error rate {st.error_rate:.2%},"
         f" {st.unknown_tickets} tickets unknown)",
         *stage_lines(report.stages, report.lateness),
+        *(report.faults.lines() if report.faults else []),
         "",
         f"/remaining  before: {_snap(report.before)}",
         f"            after:  {_snap(report.after)}",
@@ -219,6 +225,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "timeseries": timeseries(st.booths),
         "stages": report.stages,
         "lateness": report.lateness,
+        "faults": report.faults.as_dict() if report.faults else None,
         "exit_status": report.exit_status,
     }
 
@@ -253,6 +260,11 @@ def write_plot(report: Report, path: str) -> None:
         bottom.set_xlabel(f"seconds since start ({bucket:g} s buckets)")
         bottom.legend(loc="best", fontsize=8)
         bottom.grid(alpha=0.3)
+        for at, kind in report.faults.times() if report.faults else ():
+            for axis in (top, bottom):
+                axis.axvline(at, color="red", alpha=0.4, linewidth=1)
+            top.annotate(kind, (at, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                         color="red", rotation=90, va="top", ha="right")
         fig.tight_layout()
         fig.savefig(path, dpi=100, format="png")
     finally:

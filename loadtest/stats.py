@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
+from loadtest.history import Purchase
+
 __all__ = [
     "ERROR_KINDS",
     "OUTCOME_ERROR",
@@ -76,6 +78,8 @@ class BoothStats:
     #: and the index of its first record in the arrays above.
     sent_at: array[float] = field(default_factory=lambda: array("d"))
     sent_record: array[int] = field(default_factory=lambda: array("q"))
+    #: Keyed purchases and their attempts (``--idempotent``, ``--faults``).
+    purchases: list[Purchase] = field(default_factory=list)
 
     @property
     def error_count(self) -> int:
