@@ -45,8 +45,8 @@ import urllib3.connection
 import urllib3.exceptions
 import urllib3.util
 
-from loadtest.stages import Schedule
 from loadtest.history import Reply, buy_until_answered
+from loadtest.stages import Schedule
 from loadtest.stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_SOLD_OUT, BoothStats
 
 __all__ = ["LoadPlan", "LoadResult", "classify_exception", "run_load"]
