@@ -68,8 +68,8 @@ _PURGE_EVERY_S = 60.0
 # A commit delay, like PostgreSQL's commit_delay and commit_siblings: when the last batch
 # held _BUSY_BATCH orders or more (the store is busy) and fewer are pending, the writer waits
 # up to _GATHER_S for more before it commits, and starts at once when the _BUSY_BATCH-th
-# arrives. Under load that is a fraction of a millisecond for fewer fsyncs per sale (about
-# 6% more sales per second at 64 connections here); a store that is not busy never waits.
+# arrives. Under load that trades a fraction of a millisecond for fewer fsyncs per sale; a
+# store that is not busy never waits.
 _BUSY_BATCH = 16
 _GATHER_S = 0.0005
 # WAL pages after which a commit also checkpoints (SQLite's default, made explicit).
