@@ -98,7 +98,6 @@ def test_unsafe_store_starts_only_when_allowed_and_warns() -> None:
     assert "UNSAFE STORE" in stderr
 
 
-
 def test_postgres_store_without_its_extra_exits_2_naming_it() -> None:
     """psycopg hidden from a real ``ticketbooth serve``: one line that says what to install."""
     hide = ("import sys; sys.modules['psycopg'] = None; "
