@@ -107,7 +107,9 @@ container-test: $(VENV)/.installed-test container-deps
 	$(BIN)/python -m pytest -m container tests/container
 
 # The lesson over HTTP: the default load test against the real store (all checks pass)
-# and against the unsafe one (the checks catch it); succeeds when both go as expected.
+# and against the unsafe one (the checks catch it), then SQLite killed, stopped and paused
+# (all checks pass) and the memory store killed (the checks catch it); about a minute;
+# succeeds when all four go as expected.
 demo: $(VENV)/.installed-run
 	$(BIN)/python -m loadtest.demo
 

@@ -14,7 +14,7 @@ from app.admin import register_admin
 from app.errors import json_response, register_error_handlers
 from app.hotpath import HotPath
 from app.inventory import Booth, Store
-from app.parking import PARK_EXTENSION
+from app.parking import PARK_EXTENSION, WITHDRAW_EXTENSION
 from app.settings import Settings
 from app.telemetry import Telemetry, TelemetryMiddleware
 
@@ -49,6 +49,7 @@ def create_app(settings: Settings, store: Store) -> Flask:
     app.wsgi_app = TelemetryMiddleware(hot, telemetry)  # type: ignore[method-assign]
     if booth.can_defer:
         app.extensions[PARK_EXTENSION] = hot.park
+        app.extensions[WITHDRAW_EXTENSION] = booth.withdraw_pending
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     register_error_handlers(app)
 

@@ -17,6 +17,7 @@ from app.inventory import (
     IdempotencyKeyInFlight,
     IdempotencyKeyReuse,
     InvalidQuantity,
+    OutcomeUnknown,
     SoldOut,
     StoreUnavailable,
     TicketboothError,
@@ -57,6 +58,7 @@ _DOMAIN_STATUS: tuple[tuple[type[TicketboothError], int, str], ...] = (
     (IdempotencyKeyInFlight, 409, "idempotency_key_in_flight"),
     (IdempotencyKeyReuse, 422, "idempotency_key_reuse"),
     (StoreUnavailable, 503, "store_unavailable"),
+    (OutcomeUnknown, 504, "outcome_unknown"),
 )
 
 # Werkzeug's HTTP errors by status -> our error code.
@@ -91,7 +93,7 @@ def error_parts(error: BaseException) -> tuple[int, Headers, bytes]:
             extra["remaining"] = error.remaining
             if error.replayed:
                 headers.append(("Idempotent-Replayed", "true"))
-        if isinstance(error, StoreUnavailable):
+        if isinstance(error, StoreUnavailable | OutcomeUnknown):
             headers.append(("Retry-After", "1"))
         message = str(error)
     elif isinstance(error, HttpError):

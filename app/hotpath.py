@@ -75,28 +75,29 @@ class HotPath:
 
     def park(self, method: str, path: str, query: str, headers: Mapping[str, str],
              body: BinaryIO, parking: Callable[[], Parking]) -> bool:
-        """Hand a keyless ``POST /buy`` to the store without waiting (see app.parking).
+        """Hand a ``POST /buy`` to the store without waiting (see app.parking).
 
         Called by the server (on its event loop, so it never blocks) before any WSGI work,
         with the request line's parts, the headers as waitress keeps them (``CONTENT_TYPE``,
         ``IDEMPOTENCY_KEY``) and the body, and ``parking``, which makes the request's
         :class:`Parking` (called only once the request is to be parked). True when the order
         is handed over: the request is to run again once its parking has the outcome. False
-        for any other request, and for one with bad input or a store that cannot take it
-        now; it then runs as usual and gets its answer there.
+        for any other request, and for one with bad input, a key still in flight or a store
+        that cannot take it now; it then runs as usual and gets its answer there.
         """
-        if path != "/buy" or method != "POST" or "IDEMPOTENCY_KEY" in headers:
+        if path != "/buy" or method != "POST":
             return False
         try:
-            quantity, _ = self._order(query, headers.get("CONTENT_TYPE", ""),
-                                      headers.get("CONTENT_LENGTH"), body, None)
+            quantity, key = self._order(query, headers.get("CONTENT_TYPE", ""),
+                                        headers.get("CONTENT_LENGTH"), body,
+                                        headers.get("IDEMPOTENCY_KEY"))
         except Exception:
             return False
         finally:
             body.seek(0)  # a request left unparked reads its body again when it runs
         try:
-            self.booth.buy_later(quantity, parking().done)
-        except TicketboothError:  # a bad quantity, a closed store: answered as usual
+            self.booth.buy_later(quantity, key, parking().done)
+        except TicketboothError:  # a bad quantity, a key in flight, a closed store
             return False
         return True
 

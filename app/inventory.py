@@ -22,6 +22,7 @@ __all__ = [
     "IdempotencyKeyReuse",
     "InvalidQuantity",
     "Outcome",
+    "OutcomeUnknown",
     "Receipt",
     "Sale",
     "SoldOut",
@@ -87,7 +88,12 @@ class IdempotencyKeyInFlight(TicketboothError):
 
 
 class StoreUnavailable(TicketboothError):
-    """The store cannot answer now (database down or failing); nothing was acknowledged."""
+    """The store cannot answer now (database down or failing); nothing was sold."""
+
+
+class OutcomeUnknown(TicketboothError):
+    """The sale may or may not have happened (the store was cut off while it committed);
+    a retry with the same idempotency key learns which."""
 
 
 class Store(Protocol):
@@ -128,13 +134,20 @@ Outcome: TypeAlias = Sale | Exception
 class DeferringStore(Store, Protocol):
     """A store whose sales wait on something slow (a disk) and can be waited for elsewhere."""
 
-    def sell_later(self, quantity: int, done: Callable[[Outcome], None]) -> None:
-        """Start selling ``quantity`` tickets (no idempotency key); return at once.
+    def sell_later(self, quantity: int, key: str | None,
+                   done: Callable[[Outcome], None]) -> None:
+        """Start selling ``quantity`` tickets; return at once.
 
         ``done`` is called exactly once, from another thread, with what :meth:`Store.sell`
         would have returned or raised, only after the sale is as durable as ``sell``
         makes it. Raises :class:`StoreUnavailable` at once when the store is closed.
         """
+        ...
+
+    def withdraw_pending(self) -> int:
+        """Stop taking orders and end those not yet being committed unsold (their ``done``
+        or waiting caller gets :class:`StoreUnavailable`); return how many. For a shutdown
+        whose grace period is over: what is being committed is still committed."""
         ...
 
 
@@ -187,14 +200,33 @@ class Booth:
         """Whether :meth:`buy_later` can hand sales to the store without waiting."""
         return self._deferring is not None
 
-    def buy_later(self, quantity: int, done: Callable[[Outcome], None]) -> None:
-        """:meth:`buy` without a key, whose outcome goes to ``done`` (see DeferringStore).
+    def buy_later(self, quantity: int, key: str | None,
+                  done: Callable[[Outcome], None]) -> None:
+        """:meth:`buy`, whose outcome goes to ``done`` (see DeferringStore).
 
-        Keyed sales are not deferred: their key stays claimed until the sale is over.
+        A key stays claimed until its outcome is known, as with :meth:`buy`: raises
+        :class:`IdempotencyKeyInFlight` at once when it is claimed already.
         """
         self._check(quantity)
         assert self._deferring is not None, "check can_defer first"
-        self._deferring.sell_later(quantity, done)
+        if key is None:
+            self._deferring.sell_later(quantity, None, done)
+            return
+        self._take(key)
+
+        def release_then_done(outcome: Outcome) -> None:
+            self._release(key)
+            done(outcome)
+
+        try:
+            self._deferring.sell_later(quantity, key, release_then_done)
+        except BaseException:
+            self._release(key)
+            raise
+
+    def withdraw_pending(self) -> int:
+        """Orders not yet being committed end unsold (a shutdown's grace period is over)."""
+        return self._deferring.withdraw_pending() if self._deferring is not None else 0
 
     def _check(self, quantity: int) -> None:
         if not 1 <= quantity <= self.max_per_request:
@@ -203,12 +235,18 @@ class Booth:
 
     @contextmanager
     def _claim(self, key: str) -> Iterator[None]:
+        self._take(key)
+        try:
+            yield
+        finally:
+            self._release(key)
+
+    def _take(self, key: str) -> None:
         with self._in_flight_lock:
             if key in self._in_flight:
                 raise IdempotencyKeyInFlight(key)
             self._in_flight.add(key)
-        try:
-            yield
-        finally:
-            with self._in_flight_lock:
-                self._in_flight.discard(key)
+
+    def _release(self, key: str) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(key)

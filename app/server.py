@@ -21,7 +21,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import WSGITask
 
-from app.parking import ENVIRON_KEY, PARK_EXTENSION, Parking
+from app.parking import ENVIRON_KEY, PARK_EXTENSION, WITHDRAW_EXTENSION, Parking
 from app.settings import Settings
 
 __all__ = ["Server"]
@@ -123,10 +123,12 @@ class Server:
         )
 
         self._server.channel_class = _Channel
+        extensions = getattr(app, "extensions", {})
+        self._withdraw: Callable[[], int] | None = extensions.get(WITHDRAW_EXTENSION)
         # The app's parking hook (app.parking), when its store defers sales. A request that
         # can be parked is parked where waitress would queue it for a worker, so it costs
         # no worker a turn until its outcome is known.
-        park = self._server.ticketbooth_park = getattr(app, "extensions", {}).get(PARK_EXTENSION)
+        park = self._server.ticketbooth_park = extensions.get(PARK_EXTENSION)
         if park is not None:
             dispatcher = self._server.task_dispatcher
 
@@ -167,24 +169,59 @@ class Server:
         self._drain(time.monotonic() + self.settings.shutdown_timeout)
 
     def _drain(self, deadline: float) -> None:
-        # Stop accepting: close the listening socket, keep the trigger and the channels.
-        wasyncore.dispatcher.close(self._server)
-        while time.monotonic() < deadline:
-            busy = False
-            for channel in list(self._map.values()):
-                if not isinstance(channel, HTTPChannel):
-                    continue
-                if channel.requests or channel.total_outbufs_len:
-                    busy = True
-                else:
-                    channel.will_close = True  # idle keep-alive connection: close it
-            if not busy:
-                break
-            wasyncore.loop(timeout=0.01, use_poll=True, map=self._map, count=1)
-        else:
-            log.warning("shutdown grace period over with requests still in flight")
+        """Stop accepting, let in-flight requests finish, then stop the workers.
+
+        When the grace period is over with requests still in flight, the store's queued
+        orders are withdrawn unsold (answered 503), and the sales it is committing are
+        committed and answered before the workers stop: no sale is committed unanswered.
+        The store tells every order its outcome within ``--order-timeout``, which bounds
+        that wait.
+        """
+        wasyncore.dispatcher.close(self._server)  # the listening socket; keep the channels
+        busy = self._settle(deadline, self._in_flight)
+        if busy:
+            log.warning("shutdown grace period over with %d request(s) in flight", busy)
+            if self._withdraw is not None:
+                withdrawn = self._withdraw()
+                if withdrawn:
+                    log.warning("%d queued sale(s) withdrawn unsold", withdrawn)
+            self._settle(time.monotonic() + self.settings.order_timeout + 1.0, self._answering)
         # Let the closes we asked for happen, then stop the worker threads.
         wasyncore.loop(timeout=0.01, use_poll=True, map=self._map, count=2)
-        self._server.task_dispatcher.shutdown(timeout=max(0.0, deadline - time.monotonic()))
+        self._server.task_dispatcher.shutdown(timeout=max(1.0, deadline - time.monotonic()))
         self._server.trigger.close()
         wasyncore.close_all(self._map)
+
+    def _settle(self, deadline: float, busy: Callable[[], int]) -> int:
+        """Run the event loop until ``busy()`` is 0 or ``deadline`` passes; the last count."""
+        while (count := busy()) and time.monotonic() < deadline:
+            wasyncore.loop(timeout=0.01, use_poll=True, map=self._map, count=1)
+        return count
+
+    def _channels(self) -> list[HTTPChannel]:
+        return [c for c in list(self._map.values()) if isinstance(c, HTTPChannel)]
+
+    def _in_flight(self) -> int:
+        """Connections with a request or an answer in flight; idle ones are closed."""
+        busy = 0
+        for channel in self._channels():
+            if channel.requests or channel.total_outbufs_len:
+                busy += 1
+            else:
+                channel.will_close = True  # idle keep-alive connection: close it
+        return busy
+
+    def _answering(self) -> int:
+        """Answers still to come: parked requests waiting for their outcome, requests
+        queued for or run by a worker, and answers not yet flushed to their client."""
+        # The dispatcher's queue and count of busy workers are waitress internals (no
+        # public way to ask whether a worker still has an answer to give).
+        dispatcher = self._server.task_dispatcher
+        with dispatcher.lock:
+            working = len(dispatcher.queue) + dispatcher.active_count
+        for channel in self._channels():
+            parking = (getattr(channel.requests[0], "ticketbooth_parking", None)
+                       if channel.requests else None)
+            if (parking is not None and parking.waiting) or channel.total_outbufs_len:
+                working += 1
+        return working

@@ -66,6 +66,11 @@ class Settings:
     shutdown_timeout: float = _setting(10.0, "Seconds to let in-flight requests finish after "
                                        "SIGTERM or SIGINT before closing.",
                                        minimum=0, maximum=3600)
+    order_timeout: float = _setting(10.0, "Seconds a sale may wait for the durable store "
+                                    "(SQLite, PostgreSQL) to commit it. Past that it answers "
+                                    "503 store_unavailable if the store had not started on "
+                                    "it (nothing sold), else 504 outcome_unknown.",
+                                    minimum=0.1, maximum=3600)
     connection_limit: int = _setting(1000, "Most open client connections; past it waitress "
                                      "stops accepting until some close.",
                                      minimum=1, maximum=100_000)

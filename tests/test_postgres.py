@@ -7,6 +7,7 @@ Everything here runs against a real throwaway PostgreSQL server (tests/support/p
 from __future__ import annotations
 
 import json
+import os
 import random
 import select
 import signal
@@ -365,8 +366,8 @@ class Buyers:
                 with self.lock:
                     self.unavailable.append((response.json(),
                                              response.headers.get("Retry-After")))
-            elif not (response.status_code == 409 and
-                      response.json()["error"] == "idempotency_key_in_flight"):
+            elif (response.status_code, response.json()["error"]) not in (
+                    (409, "idempotency_key_in_flight"), (504, "outcome_unknown")):
                 self.errors.append(f"{response.status_code} {response.text}")
                 return
             time.sleep(0.05)  # retry pacing, as a polite client would (Retry-After: 1)
@@ -493,3 +494,47 @@ def test_database_outage_is_503_then_recovers_with_nothing_lost(
         # Every purchase was retried with its key until answered, so nothing was sold
         # that was not acknowledged either.
         assert counts["sold"] == len(acknowledged)
+
+
+@pytest.mark.parametrize(("cut", "status", "error"), [
+    ("terminate", 503, "store_unavailable"),  # the database aborts it and says so
+    ("kill", 504, "outcome_unknown"),  # the connection just ends: it may have committed
+], ids=["terminated", "killed"])
+def test_a_batch_cut_off_mid_commit_answers_what_is_known(
+        own_postgres: PostgresServer, tmp_path: Path, cut: str, status: int, error: str) -> None:
+    url = own_postgres.new_database()
+    # The chore keeps the batch inside ticketbooth_sell long enough to cut it off there.
+    with service(url, tmp_path / "booth.log", "--tickets", "10", "--chore-ms", "2000") as booth:
+        answers: list[requests.Response] = []
+        buyer = threading.Thread(target=lambda: answers.append(requests.post(
+            f"{booth.url}/buy", headers={"Idempotency-Key": "cut"}, timeout=60)))
+        buyer.start()
+        with psycopg.connect(url, autocommit=True) as conn:
+            def selling() -> int | None:
+                row = conn.execute("SELECT pid FROM pg_stat_activity WHERE state = 'active' "
+                                   "AND query LIKE '%ticketbooth_sell(%' "
+                                   "AND pid <> pg_backend_pid()").fetchone()
+                return int(row[0]) if row else None
+
+            poll(lambda: selling() is not None, 15, "the batch inside ticketbooth_sell")
+            pid = selling()
+            assert pid is not None
+            if cut == "terminate":
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        if cut == "kill":
+            os.kill(pid, signal.SIGKILL)  # the server restarts every backend, ours too
+        buyer.join(timeout=60)
+        assert [(a.status_code, a.json()["error"]) for a in answers] == [(status, error)]
+
+        # A retry with the key learns the truth once the database is back: the cut-off
+        # batch did not commit, so the retry sells, and only once.
+        def retried() -> bool:
+            answer = requests.post(f"{booth.url}/buy", headers={"Idempotency-Key": "cut"},
+                                   timeout=30)
+            answers.append(answer)
+            return answer.status_code == 200
+
+        poll(retried, 30, "a keyed retry answered 200")
+        assert answers[-1].json()["tickets"] == [{"serial": 1}]
+        assert "Idempotent-Replayed" not in answers[-1].headers
+        assert requests.get(f"{booth.url}/remaining", timeout=10).json()["sold"] == 1

@@ -6,14 +6,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
 
+from app.settings import Settings
+from app.stores import open_store
 from app.stores.sqlite import SqliteStore
-from tests.conftest import server_process
+from tests.conftest import server_process, serving
 
 
 def start_cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -147,5 +151,55 @@ def test_the_wal_is_reused_under_steady_sales(tmp_path: Path) -> None:
         assert store.counts().sold == 3_000
         # 3,000 commits append well over 3,000 pages; a reused WAL stays near 1,000.
         assert max(sizes) < 1_500 * 4_096, sizes
+    finally:
+        store.close()
+
+
+def test_an_answer_past_the_order_timeout_says_whether_the_sale_may_happen(
+        tmp_path: Path) -> None:
+    """A sale the store holds when its time is up is 504 outcome_unknown (and may still
+    happen); one still queued then is withdrawn: 503, nothing sold. Keyed retries learn
+    which."""
+    path = tmp_path / "tickets.db"
+    settings = Settings(store=f"sqlite:///{path}", tickets=10, order_timeout=0.5)
+    store = open_store(settings)
+    try:
+        with serving(settings, store) as url:
+            answers: dict[str, requests.Response] = {}
+
+            def buy(key: str) -> None:
+                answers[key] = requests.post(f"{url}/buy", headers={"Idempotency-Key": key},
+                                             timeout=30)
+
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # the writer's commit waits for this lock
+            try:
+                first = threading.Thread(target=buy, args=("held",))
+                first.start()
+                orders = store._orders  # type: ignore[attr-defined]
+                deadline = time.monotonic() + 10
+                while not orders.busy and time.monotonic() < deadline:
+                    time.sleep(0.01)  # readiness poll: the writer holds the first order
+                assert orders.busy, "the writer never took the first order"
+                second = threading.Thread(target=buy, args=("queued",))
+                second.start()
+                first.join(timeout=30)
+                second.join(timeout=30)
+            finally:
+                blocker.execute("ROLLBACK")  # the held sale now commits
+                blocker.close()
+
+            held, queued = answers["held"], answers["queued"]
+            assert (held.status_code, held.json()["error"]) == (504, "outcome_unknown")
+            assert (queued.status_code, queued.json()["error"]) == (503, "store_unavailable")
+            retried = requests.post(f"{url}/buy", headers={"Idempotency-Key": "held"},
+                                    timeout=30)
+            assert retried.status_code == 200
+            assert retried.headers.get("Idempotent-Replayed") == "true"  # it had happened
+            assert retried.json()["tickets"] == [{"serial": 1}]
+            fresh = requests.post(f"{url}/buy", headers={"Idempotency-Key": "queued"},
+                                  timeout=30)
+            assert fresh.status_code == 200 and "Idempotent-Replayed" not in fresh.headers
+            assert fresh.json()["tickets"] == [{"serial": 2}]  # it had not
     finally:
         store.close()

@@ -35,7 +35,7 @@ def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         from app.stores.sqlite import SqliteStore, path_from_url
 
         return SqliteStore(path_from_url(url), settings.tickets, chore_s=chore_s, key_ttl=ttl,
-                           clock=clock)
+                           order_timeout=settings.order_timeout, clock=clock)
     if url.startswith(("postgresql://", "postgres://")):
         try:
             from app.stores.postgres import PostgresStore
@@ -45,6 +45,8 @@ def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) ->
                                   "'ticketbooth[postgres]'") from error
 
         return PostgresStore(url, settings.tickets, pool_size=settings.pool_size,
-                             chore_s=chore_s, key_ttl=ttl, clock=clock)
+                             chore_s=chore_s, key_ttl=ttl,
+                             order_timeout=settings.order_timeout,
+                             clock=clock)
     raise StoreSetupError(f"unknown store {url!r}: use memory, sqlite:///PATH, "
                           "postgresql://USER@HOST:PORT/DB or unsafe-memory")

@@ -1,30 +1,33 @@
 """The PostgreSQL store: one database shared by any number of service processes.
 
-Every sale is one transaction. The stock is a single row, and the sale is a conditional
-``UPDATE stock SET sold = sold + k WHERE sold + k <= total RETURNING ...``: PostgreSQL's row
-lock on that one row is the lesson's lock, held from the UPDATE to the COMMIT, and it works
-across processes and machines. The sale's row and its idempotency receipt are written in
-the same transaction, so they exist exactly when the sale does.
+Sales go through the group commit (:mod:`app.groupcommit`); this module is its backend for
+PostgreSQL. A whole batch is sold by one call of a server-side function,
+``ticketbooth_sell``, sent on the writer's own connection in autocommit mode: the statement
+and its commit travel in one round trip, and the stock row's lock (the lesson's lock, which
+works across processes and machines) is taken inside the function and released by the
+commit, so it is never held while the network carries a message. The function sells the
+batch in arrival order, greedily, writes one row of ``sales`` for the batch's consecutive
+serials, and writes each keyed order's receipt in the same transaction.
 
-Idempotency keys across instances: a keyed sale first claims its key by inserting the
-receipt row. A second transaction with the same key, in this process or another, blocks on
-that row's primary key until the first commits, then finds the first's receipt and replays
-it (or, if the first rolled back, claims the key itself). Receipts older than the TTL count
-as absent and are purged in small batches.
+Idempotency keys across instances: the function reads and writes receipts only while it
+holds the stock row's lock, so batches from every instance take their turns, each sees the
+receipts of every batch committed before it (and replays them), and no batch ever waits for
+another's keys: nothing to deadlock on. Receipts older than the TTL count as absent (a new
+sale takes the key over) and are purged in small batches.
 
-Connections come from a psycopg_pool pool with short timeouts, so that while the database
-is away ``/buy`` answers 503 within seconds, and the pool reconnects by itself when it is
-back. A transaction whose connection is lost before COMMIT is retried once per pooled
-connection (nothing of it was committed); one lost *during* COMMIT is reported as
-unavailable, since the sale may or may not have been recorded: a retry with the same
-Idempotency-Key tells.
+Failures: a batch refused by the database (an error it reports) was rolled back, and its
+orders answer 503 ``store_unavailable``; one whose connection was lost after it was sent
+may or may not have committed, and its orders answer 504 ``outcome_unknown`` (a retry with
+the same Idempotency-Key tells). The writer reconnects by itself. Reads come from a
+psycopg_pool pool with short timeouts, so that while the database is away they answer 503
+within seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
+import select
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -36,7 +39,15 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from app.inventory import Counts, Receipt, Sale, SoldOut, StoreUnavailable
+from app.groupcommit import Batch, GroupCommit, GroupCommitted
+from app.inventory import (
+    Counts,
+    OutcomeUnknown,
+    Receipt,
+    Sale,
+    SoldOut,
+    StoreUnavailable,
+)
 from app.stores import StoreSetupError
 
 __all__ = ["PostgresStore"]
@@ -83,19 +94,110 @@ SCHEMA = (
         created timestamptz NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS receipts_created ON receipts (created)",
+    # Sell a batch: one row per order, in order. A replayed row carries the receipt's
+    # quantity and outcome (the caller tells a replay from a reuse of the key); otherwise
+    # o_count is 0 when the order was sold out, and o_remaining is what was left after it.
+    # Everything happens under the stock row's lock, receipts included: only the lock
+    # holder reads or writes them, so no batch ever waits for another's keys.
+    """CREATE OR REPLACE FUNCTION ticketbooth_sell(
+        p_quantities integer[], p_keys text[], p_at timestamptz, p_cutoff timestamptz,
+        p_chore double precision)
+    RETURNS TABLE (o_quantity integer, o_first bigint, o_count integer, o_remaining bigint,
+                   o_replayed boolean)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        live_keys text[];  -- live receipts of earlier batches for this batch's keys
+        live_q integer[];
+        live_f bigint[];
+        live_c integer[];
+        live_r bigint[];
+        done_keys text[] := '{}';  -- keyed orders sold here, and their outcomes
+        done_q integer[] := '{}';
+        done_f bigint[] := '{}';
+        done_c integer[] := '{}';
+        done_r bigint[] := '{}';
+        v_sold bigint;
+        v_total bigint;
+        v_start bigint;
+        v_key text;
+        v_at integer;
+    BEGIN
+        SELECT s.sold, s.total INTO v_sold, v_total FROM stock s FOR UPDATE;
+        v_start := v_sold;
+        IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
+            SELECT array_agg(r.key), array_agg(r.quantity), array_agg(r.first_serial),
+                   array_agg(r.count), array_agg(r.remaining)
+            INTO live_keys, live_q, live_f, live_c, live_r
+            FROM receipts r WHERE r.key = ANY (array_remove(p_keys, NULL))
+                AND r.created > p_cutoff;
+        END IF;
+        FOR i IN 1 .. coalesce(cardinality(p_quantities), 0) LOOP
+            v_key := p_keys[i];
+            o_replayed := false;
+            IF v_key IS NOT NULL THEN
+                v_at := array_position(done_keys, v_key);
+                IF v_at IS NOT NULL THEN  -- the key came earlier in this batch
+                    o_quantity := done_q[v_at];
+                    o_first := done_f[v_at];
+                    o_count := done_c[v_at];
+                    o_remaining := done_r[v_at];
+                    o_replayed := true;
+                ELSE
+                    v_at := array_position(live_keys, v_key);
+                    IF v_at IS NOT NULL THEN  -- a live receipt of an earlier batch
+                        o_quantity := live_q[v_at];
+                        o_first := live_f[v_at];
+                        o_count := live_c[v_at];
+                        o_remaining := live_r[v_at];
+                        o_replayed := true;
+                    END IF;
+                END IF;
+            END IF;
+            IF NOT o_replayed THEN
+                o_quantity := p_quantities[i];
+                IF o_quantity <= v_total - v_sold THEN
+                    IF p_chore > 0 THEN
+                        PERFORM pg_sleep(p_chore);  -- the lesson's chore, inside the lock
+                    END IF;
+                    o_first := v_sold + 1;
+                    o_count := o_quantity;
+                    v_sold := v_sold + o_quantity;
+                ELSE
+                    o_first := NULL;
+                    o_count := 0;
+                END IF;
+                o_remaining := v_total - v_sold;
+                IF v_key IS NOT NULL THEN
+                    done_keys := done_keys || v_key;
+                    done_q := done_q || o_quantity;
+                    done_f := done_f || o_first;
+                    done_c := done_c || o_count;
+                    done_r := done_r || o_remaining;
+                END IF;
+            END IF;
+            RETURN NEXT;
+        END LOOP;
+        IF v_sold > v_start THEN
+            UPDATE stock SET sold = v_sold;
+            INSERT INTO sales (first_serial, count, sold_at)
+            VALUES (v_start + 1, v_sold - v_start, p_at);
+        END IF;
+        IF cardinality(done_keys) > 0 THEN
+            -- New keys, and expired receipts taken over.
+            INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created)
+            SELECT u.k, u.q, u.f, u.c, u.rem, p_at
+            FROM unnest(done_keys, done_q, done_f, done_c, done_r) AS u(k, q, f, c, rem)
+            ON CONFLICT (key) DO UPDATE
+                SET quantity = EXCLUDED.quantity, first_serial = EXCLUDED.first_serial,
+                    count = EXCLUDED.count, remaining = EXCLUDED.remaining,
+                    created = EXCLUDED.created;
+        END IF;
+    END
+    $$""",
 )
 
-# Claim a key: a new receipt row, or take over an expired one. Returns a row only when
-# this transaction now owns the key. A concurrent claimer of the same key blocks here.
-CLAIM = """
-    INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created)
-    VALUES (%(key)s, %(quantity)s, NULL, 0, 0, %(now)s)
-    ON CONFLICT (key) DO UPDATE
-        SET quantity = EXCLUDED.quantity, first_serial = NULL, count = 0, remaining = 0,
-            created = EXCLUDED.created
-        WHERE r.created <= %(cutoff)s
-    RETURNING 1
-"""
+SELL = ("SELECT * FROM ticketbooth_sell(%s::integer[], %s::text[], %s, %s, "
+        "%s::double precision)")
 
 PURGE = """
     DELETE FROM receipts WHERE key IN (
@@ -135,11 +237,75 @@ def _connection_options(url: str) -> dict[str, Any]:
     return {name: value for name, value in defaults.items() if name not in given}
 
 
-class PostgresStore:
+class _WriterConnection:
+    """The writer's own connection, in autocommit mode: each statement is its own
+    transaction, sent and committed in one round trip. Reconnects when lost."""
+
+    def __init__(self, url: str, options: dict[str, Any], where: str) -> None:
+        self._url = url
+        self._options = options
+        self._where = where
+        self._conn: Connection[Any] | None = None
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run one statement; raise StoreUnavailable when it certainly did not commit,
+        OutcomeUnknown when the connection was lost before its answer came."""
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except psycopg.Error as error:
+            log.warning("PostgreSQL at %s failed: %s", self._where, _one_line(error))
+            if conn.broken:
+                self.close()
+            if error.sqlstate is None and conn.broken:
+                raise OutcomeUnknown(
+                    "the connection to the ticket database was lost while it committed; "
+                    "the sale may have been recorded: retry with the same Idempotency-Key "
+                    "to learn its outcome") from error
+            # The database answered with an error: the statement, and with it the
+            # transaction, was rolled back.
+            raise StoreUnavailable("the ticket database refused the sale; nothing was "
+                                   "sold") from error
+
+    def _connection(self) -> Connection[Any]:
+        conn = self._conn
+        if conn is not None and (conn.closed or _has_news(conn)):
+            # Lost, or the server spoke unasked (it says goodbye before it closes an idle
+            # connection, at a restart): start afresh before sending anything.
+            self.close()
+            conn = None
+        if conn is None:
+            try:
+                conn = self._conn = psycopg.connect(self._url, autocommit=True,
+                                                    **self._options)
+            except psycopg.Error as error:
+                log.warning("PostgreSQL at %s unavailable: %s", self._where, _one_line(error))
+                raise StoreUnavailable("the ticket database cannot be reached; nothing was "
+                                       "sold") from error
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+
+def _has_news(conn: Connection[Any]) -> bool:
+    """Whether an idle connection's socket has something to read (or was closed)."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
+class PostgresStore(GroupCommitted):
     """Tickets in a PostgreSQL database that several service processes may share."""
 
     def __init__(self, url: str, tickets: int, *, pool_size: int = 10, chore_s: float = 0.0,
-                 key_ttl: float = 86400.0, clock: Callable[[], float] = time.time) -> None:
+                 key_ttl: float = 86400.0, order_timeout: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._chore_s = chore_s
         self._key_ttl = key_ttl
         self._clock = clock
@@ -147,7 +313,6 @@ class PostgresStore:
         self._where = _where(url)
         self._purge_every = min(PURGE_EVERY_S, key_ttl)
         self._next_purge = float("-inf")
-        self._purge_lock = threading.Lock()
         # The pool logs every checkout at INFO; keep its warnings (lost connections).
         logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
         try:
@@ -165,6 +330,10 @@ class PostgresStore:
             self._pool.close()
             raise StoreSetupError(f"cannot open a connection pool to {self._where}: "
                                   f"{_one_line(error)}") from error
+        self._writer = _WriterConnection(url, options, self._where)
+        self._orders = GroupCommit(self._commit_batch, "postgres-writer",
+                                   timeout=order_timeout,
+                                   housekeeping=self._purge)
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -243,79 +412,43 @@ class PostgresStore:
 
     # -- the Store interface -------------------------------------------------------------
 
-    def sell(self, quantity: int, key: str | None = None) -> Sale:
-        if key is not None:
-            self._maybe_purge()
-        outcome = self._transaction(lambda conn: self._sell(conn, quantity, key))
-        if isinstance(outcome, SoldOut):
-            raise outcome
-        return outcome
 
-    def _sell(self, conn: Connection[Any], quantity: int, key: str | None) -> Sale | SoldOut:
+    # -- selling: the group commit's backend ---------------------------------------------
+
+    def _commit_batch(self, batch: Batch) -> None:
+        """Sell ``batch`` in one statement, committed with it (see the module's doc)."""
         now = self._clock()
-        moment = datetime.fromtimestamp(now, UTC)
-        if key is not None:
-            claimed = conn.execute(CLAIM, {
-                "key": key, "quantity": quantity, "now": moment,
-                "cutoff": datetime.fromtimestamp(now - self._key_ttl, UTC)}).fetchone()
-            if claimed is None:  # a live receipt, committed by an earlier request
-                return self._replay(conn, key, quantity)
-        outcome = self._take(conn, quantity, moment)
-        if key is not None:
-            serials = outcome.serials if isinstance(outcome, Sale) else range(0)
-            conn.execute(
-                "UPDATE receipts SET first_serial = %s, count = %s, remaining = %s, "
-                "created = %s WHERE key = %s",
-                (serials.start if serials else None, len(serials), outcome.remaining,
-                 moment, key))
-        return outcome
+        rows = self._writer.run(SELL, (
+            [order.quantity for order in batch], [order.key for order in batch],
+            datetime.fromtimestamp(now, UTC), datetime.fromtimestamp(now - self._key_ttl, UTC),
+            self._chore_s))
+        if len(rows) != len(batch):
+            raise StoreUnavailable(f"the database answered {len(rows)} outcomes for "
+                                   f"{len(batch)} orders")
+        for order, (quantity, first, count, remaining, replayed) in zip(batch, rows,
+                                                                         strict=True):
+            serials = range(first, first + count) if count else range(0)
+            if replayed:
+                assert order.key is not None
+                try:
+                    order.result = Receipt(quantity, serials, remaining, now).replay(
+                        order.key, order.quantity)
+                except Exception as refused:  # sold out again, or the key reused
+                    order.result = refused
+            elif serials:
+                order.result = Sale(serials, remaining)
+            else:
+                order.result = SoldOut(order.quantity, remaining)
 
-    def _take(self, conn: Connection[Any], quantity: int, moment: datetime) -> Sale | SoldOut:
-        """The conditional decrement; the stock row stays locked until COMMIT."""
-        row = conn.execute(
-            "UPDATE stock SET sold = sold + %(k)s WHERE sold + %(k)s <= total "
-            "RETURNING sold, total", {"k": quantity}).fetchone()
-        if row is None:
-            # Not enough left, as of the latest commit. Lock the row to read a remaining
-            # that stays true until we finish: a restock may have just raced in.
-            locked = conn.execute("SELECT sold, total FROM stock FOR UPDATE").fetchone()
-            assert locked is not None
-            sold, total = locked
-            if total - sold < quantity:
-                return SoldOut(quantity, total - sold)
-            row = conn.execute("UPDATE stock SET sold = sold + %s RETURNING sold, total",
-                               (quantity,)).fetchone()
-            assert row is not None
-        if self._chore_s:
-            time.sleep(self._chore_s)  # the lesson's chore, inside the lock
-        sold, total = row
-        first = sold - quantity + 1
-        conn.execute("INSERT INTO sales (first_serial, count, sold_at) VALUES (%s, %s, %s)",
-                     (first, quantity, moment))
-        return Sale(range(first, sold + 1), total - sold)
-
-    @staticmethod
-    def _replay(conn: Connection[Any], key: str, quantity: int) -> Sale | SoldOut:
-        row = conn.execute("SELECT quantity, first_serial, count, remaining, created "
-                           "FROM receipts WHERE key = %s", (key,)).fetchone()
-        assert row is not None  # the claim saw it, and we hold its lock
-        first_quantity, first, count, remaining, created = row
-        serials = range(first, first + count) if count else range(0)
-        receipt = Receipt(first_quantity, serials, remaining, created.timestamp())
-        try:
-            return receipt.replay(key, quantity)
-        except SoldOut as sold_out:
-            return sold_out
-
-    def _maybe_purge(self) -> None:
-        """Delete a batch of expired receipts, at most every ``PURGE_EVERY_S`` per process."""
+    def _purge(self) -> None:
+        """Housekeeping before a batch: delete a batch of expired receipts now and then."""
         now = self._clock()
-        with self._purge_lock:
-            if now < self._next_purge:
-                return
-            self._next_purge = now + self._purge_every
-        cutoff = datetime.fromtimestamp(now - self._key_ttl, UTC)
-        self._transaction(lambda conn: conn.execute(PURGE, (cutoff, PURGE_BATCH)))
+        if now < self._next_purge:
+            return
+        self._next_purge = now + self._purge_every
+        with contextlib.suppress(StoreUnavailable, OutcomeUnknown):
+            self._writer.run(PURGE, (datetime.fromtimestamp(now - self._key_ttl, UTC),
+                                     PURGE_BATCH))
 
     def counts(self) -> Counts:
         row = self._transaction(
@@ -344,7 +477,11 @@ class PostgresStore:
         return Counts(int(row[0]), int(row[1]))
 
     def check(self) -> None:
+        if not self._orders.alive:
+            raise StoreUnavailable("the PostgreSQL writer has stopped")
         self._transaction(lambda conn: conn.execute("SELECT 1"))
 
     def close(self) -> None:
+        self._orders.close()
+        self._writer.close()
         self._pool.close(timeout=5.0)

@@ -1,18 +1,12 @@
 """The durable embedded store: SQLite in WAL mode, every sale fsynced before it is answered.
 
-Group commit: orders go into the pending batch. One writer thread takes the whole pending
-batch (every order that arrived while it was busy), sells it in one transaction with one
-fsync, and then tells each order its outcome: it wakes the thread waiting in :meth:`sell`,
-or calls the callback given to :meth:`sell_later` (a parked request, see app.parking, whose
-worker thread did not wait). So while one commit waits on the disk the next batch gathers,
-and no order queues behind a commit that does not hold it. Each answer is given only after
-the commit that holds its sale.
-
-The commit path is lean: a batch's serials are consecutive and share one time, so a batch
-is one row of ``sales``, and a batch with no idempotency keys is a single INSERT statement
-(its own transaction). Each statement releases and retakes the GIL, so fewer statements
-means less waiting. One process owns the file (an exclusive lock on ``PATH.lock``), which
-makes its in-memory counters authoritative; a second process on the same file is refused.
+Sales go through the group commit (:mod:`app.groupcommit`): this module is its backend, the
+"commit this batch" for SQLite. The commit path is lean: a batch's serials are consecutive
+and share one time, so a batch is one row of ``sales``, and a batch with no idempotency
+keys is a single INSERT statement (its own transaction). Each statement releases and
+retakes the GIL, so fewer statements means less waiting. One process owns the file (an
+exclusive lock on ``PATH.lock``), which makes its in-memory counters authoritative; a
+second process on the same file is refused.
 """
 
 from __future__ import annotations
@@ -25,11 +19,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.inventory import Counts, Outcome, Receipt, Sale, SoldOut, StoreUnavailable
+from app.groupcommit import Batch, GroupCommit, GroupCommitted, Order
+from app.inventory import Counts, Receipt, Sale, SoldOut, StoreUnavailable
 from app.stores import StoreSetupError
 
 log = logging.getLogger("ticketbooth")
@@ -60,18 +54,10 @@ CREATE TABLE IF NOT EXISTS receipts (
 CREATE INDEX IF NOT EXISTS receipts_by_age ON receipts (created_at);
 """
 
-# How long a connection waits for a lock held by another, and a request for its commit.
+# How long a connection waits for a lock held by another.
 _BUSY_TIMEOUT_MS = 5000
-_ORDER_TIMEOUT_S = 30.0
 # How often expired idempotency receipts are deleted.
 _PURGE_EVERY_S = 60.0
-# A commit delay, like PostgreSQL's commit_delay and commit_siblings: when the last batch
-# held _BUSY_BATCH orders or more (the store is busy) and fewer are pending, the writer waits
-# up to _GATHER_S for more before it commits, and starts at once when the _BUSY_BATCH-th
-# arrives. Under load that trades a fraction of a millisecond for fewer fsyncs per sale; a
-# store that is not busy never waits.
-_BUSY_BATCH = 16
-_GATHER_S = 0.0005
 # WAL pages after which a commit also checkpoints (SQLite's default, made explicit).
 _CHECKPOINT_PAGES = 1000
 
@@ -82,34 +68,6 @@ def path_from_url(url: str) -> Path:
     if not url.startswith(prefix) or len(url) == len(prefix):
         raise StoreSetupError(f"bad SQLite store URL {url!r}: use sqlite:///PATH")
     return Path(url[len(prefix):])
-
-
-def _held_lock() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
-
-
-@dataclass(slots=True)
-class _Order:
-    quantity: int  # tickets to sell; for a restock, tickets to add
-    key: str | None = None
-    restock: bool = False
-    result: Sale | Counts | Exception | None = None
-    # Told the result once it is set: a deferred sale's callback, or None, and then the
-    # order's thread waits on ``done``, held until then: the cheapest wake-up there is (one
-    # futex), and no lock shared with the rest of the batch.
-    callback: Callable[[Outcome], None] | None = None
-    done: threading.Lock | None = None
-
-
-def _tell(callback: Callable[[Outcome], None], result: object) -> None:
-    """Give a deferred sale its outcome; a caller's bug must not stop the writer."""
-    assert isinstance(result, Sale | Exception)
-    try:
-        callback(result)
-    except Exception:
-        log.exception("a deferred sale's callback failed")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -133,9 +91,10 @@ def _take_ownership(path: Path) -> int:
     return fd
 
 
-class SqliteStore:
+class SqliteStore(GroupCommitted):
     def __init__(self, path: Path, tickets: int, *, chore_s: float = 0.0,
-                 key_ttl: float = 86400.0, clock: Callable[[], float] = time.time) -> None:
+                 key_ttl: float = 86400.0, order_timeout: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._chore_s = chore_s
         self._key_ttl = key_ttl
@@ -143,14 +102,11 @@ class SqliteStore:
         self._lock_fd, self._writer_db, self._counts = self._open(path, tickets)
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
-        self._lock = threading.Lock()  # guards _pending, _closed and _readers; held briefly
-        self._wake = threading.Condition(self._lock)  # the writer waits here for orders
-        self._pending: list[_Order] = []
-        self._closed = False
+        self._lock = threading.Lock()  # guards _readers
         self._next_purge = 0.0
-        self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer",
-                                        daemon=True)
-        self._writer.start()
+        self._orders = GroupCommit(self._commit_batch, "sqlite-writer",
+                                   timeout=order_timeout,
+                                   housekeeping=self._purge)
 
     # --- start-up -------------------------------------------------------------------
 
@@ -196,16 +152,9 @@ class SqliteStore:
 
     # --- the store interface --------------------------------------------------------
 
-    def sell(self, quantity: int, key: str | None = None) -> Sale:
-        result = self._submit(_Order(quantity, key))
-        assert isinstance(result, Sale)
-        return result
-
-    def sell_later(self, quantity: int, done: Callable[[Outcome], None]) -> None:
-        self._enqueue(_Order(quantity, callback=done))
 
     def restock(self, tickets: int) -> Counts:
-        result = self._submit(_Order(tickets, restock=True))
+        result = self._orders.submit(Order(tickets, restock=True))
         assert isinstance(result, Counts)
         return result
 
@@ -223,15 +172,12 @@ class SqliteStore:
         return datetime.fromtimestamp(row[2], UTC)
 
     def check(self) -> None:
-        if not self._writer.is_alive():
+        if not self._orders.alive:
             raise StoreUnavailable("the SQLite writer has stopped")
         self._read("SELECT 1", ())
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._wake.notify()
-        self._writer.join(timeout=_ORDER_TIMEOUT_S)  # it commits what is pending first
+        self._orders.close()  # it commits what is pending first
         with contextlib.suppress(sqlite3.Error):  # leave a small WAL behind
             self._writer_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         with self._lock:
@@ -252,67 +198,25 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise StoreUnavailable(f"the database cannot be read: {error}") from error
 
-    # --- writing: group commit --------------------------------------------------------
+    # --- writing: the group commit's backend -----------------------------------------
 
-    def _enqueue(self, order: _Order) -> None:
-        with self._lock:
-            if self._closed:
-                raise StoreUnavailable("the store is closed")
-            self._pending.append(order)
-            if len(self._pending) in (1, _BUSY_BATCH):
-                self._wake.notify()
-
-    def _submit(self, order: _Order) -> Sale | Counts:
-        order.done = _held_lock()
-        self._enqueue(order)
-        if not order.done.acquire(timeout=_ORDER_TIMEOUT_S):
-            raise StoreUnavailable("the database did not commit in time")
-        if isinstance(order.result, Exception):
-            raise order.result
-        assert order.result is not None
-        return order.result
-
-    def _write_loop(self) -> None:
-        """The writer: commit each pending batch as soon as the previous one is done."""
-        last = 0  # orders in the last batch
-        while True:
-            with self._lock:
-                while not self._pending and not self._closed:
-                    self._wake.wait()
-                if last >= _BUSY_BATCH and len(self._pending) < _BUSY_BATCH and not self._closed:
-                    self._wake.wait(_GATHER_S)  # woken early by the _BUSY_BATCH-th order
-                batch, self._pending = self._pending, []
-            last = len(batch)
-            if not batch:  # closed, and nothing left to commit
-                return
-            self._commit_batch(batch)
-            for order in batch:
-                if order.callback is None:
-                    assert order.done is not None
-                    order.done.release()
-                else:
-                    _tell(order.callback, order.result)
-
-    def _commit_batch(self, batch: list[_Order]) -> None:
-        """Commit ``batch``; every order gets a result, a failure included."""
+    def _commit_batch(self, batch: Batch) -> None:
+        """Commit ``batch`` in one transaction, or roll back and raise StoreUnavailable."""
         try:
             self._commit(batch)
-            return
         except sqlite3.Error as failure:
             self._rollback()
-            error: Exception = StoreUnavailable(f"the sale was not recorded: {failure}")
-        except Exception as bug:  # answer every waiting request with it, then go on
+            raise StoreUnavailable(f"the sale was not recorded: {failure}") from failure
+        except BaseException:
             self._rollback()
-            error = bug
-        for order in batch:
-            order.result = error
+            raise
 
     def _rollback(self) -> None:
         if self._writer_db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._writer_db.execute("ROLLBACK")
 
-    def _commit(self, orders: list[_Order]) -> None:
+    def _commit(self, orders: Batch) -> None:
         """Sell a batch in one transaction; results and counts change only on success."""
         db = self._writer_db
         now = self._clock()
@@ -364,10 +268,15 @@ class SqliteStore:
         self._counts = Counts(total, sold)
         for order, result in zip(orders, results, strict=True):
             order.result = result
-        if now >= self._next_purge:  # housekeeping: the batch is committed whatever happens
+
+    def _purge(self) -> None:
+        """Housekeeping before a batch: forget expired idempotency receipts."""
+        now = self._clock()
+        if now >= self._next_purge:
             self._next_purge = now + _PURGE_EVERY_S
             with contextlib.suppress(sqlite3.Error):
-                db.execute("DELETE FROM receipts WHERE created_at <= ?", (now - self._key_ttl,))
+                self._writer_db.execute("DELETE FROM receipts WHERE created_at <= ?",
+                                        (now - self._key_ttl,))
 
     def _receipt(self, key: str, batch: dict[str, Receipt], now: float) -> Receipt | None:
         """The live receipt for ``key``: from this batch, else from the database."""
