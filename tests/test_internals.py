@@ -112,7 +112,13 @@ def test_waitress_server_has_what_app_server_uses(waitress_server: Any) -> None:
     gone = missing(waitress_server, ["channel_class", "task_dispatcher", "add_task",
                                      "effective_host", "effective_port", "trigger", "adj"])
     assert not gone, f"waitress's server lost {gone}; app/server.py uses them"
-    assert isinstance(waitress_server.task_dispatcher, ThreadedTaskDispatcher)
+    dispatcher = waitress_server.task_dispatcher
+    assert isinstance(dispatcher, ThreadedTaskDispatcher)
+    # Server._answering asks the dispatcher how many tasks are queued or running.
+    gone = missing(dispatcher, ["lock", "queue", "active_count"])
+    assert not gone, f"waitress's task dispatcher lost {gone}; app/server.py uses them"
+    with dispatcher.lock:
+        assert (len(dispatcher.queue), dispatcher.active_count) == (0, 0)
 
 
 def test_waitress_channel_has_what_app_server_uses(waitress_server: Any) -> None:
