@@ -9,10 +9,11 @@ cannot be spawned), 3 a threshold was breached, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from typing import IO
@@ -47,6 +48,9 @@ EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_THRESHOLD = 3
 EXIT_INTERRUPTED = 130
+
+#: Options that need an optional extra: option -> (the module it imports, the extra).
+NEEDS_EXTRA = {"plot": ("matplotlib", "plot")}
 
 #: Seconds allowed for each request that reads the service's state before and after the run.
 PROBE_TIMEOUT = 5.0
@@ -208,6 +212,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def missing_extra(args: argparse.Namespace,
+                  installed: Callable[[str], bool] | None = None) -> str | None:
+    """One line naming the extra to install when an option given needs one that is missing."""
+    installed = installed or (lambda module: importlib.util.find_spec(module) is not None)
+    for option, (module, extra) in NEEDS_EXTRA.items():
+        if getattr(args, option) and not installed(module):
+            return (f"--{option} needs {module}, which is not installed: "
+                    f"pip install 'ticketbooth[{extra}]'")
+    return None
+
+
 def _get_json(url: str) -> dict[str, object]:
     try:
         response = requests.get(url, timeout=PROBE_TIMEOUT)
@@ -357,6 +372,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    missing = missing_extra(args)
+    if missing:  # said before the run, not after it
+        print(f"{PROG}: error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     out = sys.stderr if args.json_path == "-" else sys.stdout
     try:
         with ExitStack() as stack:

@@ -97,3 +97,14 @@ def test_unsafe_store_starts_only_when_allowed_and_warns() -> None:
         _, stderr = process.communicate(timeout=5)
     assert "UNSAFE STORE" in stderr
 
+
+def test_postgres_store_without_its_extra_exits_2_naming_it() -> None:
+    """psycopg hidden from a real ``ticketbooth serve``: one line that says what to install."""
+    hide = ("import sys; sys.modules['psycopg'] = None; "
+            "from app.cli import main; raise SystemExit(main())")
+    result = subprocess.run(
+        [sys.executable, "-c", hide, "serve", "--store", "postgresql://u@127.0.0.1:1/db"],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert (result.returncode, result.stdout) == (2, "")
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "pip install 'ticketbooth[postgres]'" in lines[0], lines
