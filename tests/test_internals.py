@@ -117,8 +117,8 @@ def test_waitress_server_has_what_app_server_uses(waitress_server: Any) -> None:
     # Server._answering asks the dispatcher how many tasks are queued or running.
     gone = missing(dispatcher, ["lock", "queue", "active_count"])
     assert not gone, f"waitress's task dispatcher lost {gone}; app/server.py uses them"
-    with dispatcher.lock:
-        assert (len(dispatcher.queue), dispatcher.active_count) == (0, 0)
+    with dispatcher.lock:  # a lock, a sized queue and a count, as Server._answering reads them
+        assert len(dispatcher.queue) == 0 and isinstance(dispatcher.active_count, int)
 
 
 def test_waitress_channel_has_what_app_server_uses(waitress_server: Any) -> None:
