@@ -1,7 +1,8 @@
 """``--spawn``: run a local ticketbooth service for the length of a load test.
 
 The service is started as a subprocess (``python -m app serve`` on
-127.0.0.1, port 0) and known only by the URL it prints; it is never imported.
+127.0.0.1, port 0) and known only by the URLs it prints; it is never imported.
+The tests start their service processes with :func:`running_service` too.
 Every wait is bounded, and the process is always stopped (SIGTERM, then
 SIGKILL if it does not exit in time) when the ``with`` block ends.
 """
@@ -18,9 +19,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import IO
 
-__all__ = ["SpawnError", "serve_command", "spawned_service"]
+__all__ = ["SpawnError", "SpawnedService", "running_service", "serve_command",
+           "service_command", "spawned_service"]
 
 _LISTENING = re.compile(r"^ticketbooth listening on (http://\S+)\s*$")
 #: Seconds to wait for the service to print its listening line.
@@ -31,26 +34,44 @@ STOP_TIMEOUT = 10.0
 STDERR_LINES = 5
 
 UNSAFE_STORE = "unsafe-memory"
+# The spawned service serves only this generator, from one address: with more booths than
+# the service's per-client connection limit, the limit would refuse the extra booths.
+_NO_PER_CLIENT_LIMIT = ("--max-connections-per-client", "0")
 
 
 class SpawnError(Exception):
     """The service could not be started."""
 
 
+def service_command(argv: Sequence[str] = ()) -> list[str]:
+    """``python -m app serve`` on a free loopback port, with more arguments (they win)."""
+    return [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
+            *argv]
+
+
 def serve_command(tickets: int, store: str, extra: Sequence[str] = ()) -> list[str]:
-    """The command line that starts the service on a free loopback port."""
-    cmd = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
-           "--tickets", str(tickets), "--store", store]
+    """The command line that starts the load generator's service."""
+    argv = ["--tickets", str(tickets), "--store", store, *_NO_PER_CLIENT_LIMIT]
     if store == UNSAFE_STORE:
-        cmd.append("--allow-unsafe")
-    return cmd + list(extra)
+        argv.append("--allow-unsafe")
+    return service_command([*argv, *extra])
 
 
-def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
-    """Read the service's stdout to its end, so that it can never block on a full pipe."""
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
+@dataclass
+class SpawnedService:
+    """A started service: its process and the URLs it said it listens on."""
+
+    process: subprocess.Popen[str]
+    urls: list[str] = field(default_factory=list)  # more come as the service prints them
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; its exit status."""
+        _stop(self.process)
+        return self.process.wait(STOP_TIMEOUT)
 
 
 class _StderrRelay:
@@ -98,48 +119,72 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
-                    start_timeout: float = START_TIMEOUT) -> Iterator[str]:
-    """Start the service, yield its base URL, stop it afterwards.
+def running_service(argv: Sequence[str], *, stderr: IO[str] | int | None = None,
+                    cwd: str | os.PathLike[str] | None = None,
+                    start_timeout: float = START_TIMEOUT) -> Iterator[SpawnedService]:
+    """Run ``argv`` (a command that starts the service), yield it once it listens, stop it.
 
-    The service's stderr (its logs and warnings) goes to ours, prefixed with
-    ``[service]``, up to STDERR_LINES lines.
+    The service's stdout is read to its end, and its stderr goes to ``stderr`` (a file, or
+    a descriptor) when given, else to ours (see :class:`_StderrRelay`); so the service can
+    never block on a full pipe, however much it logs.
     """
-    cmd = serve_command(tickets, store, extra)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
         # Its own process group: a Ctrl-C at the terminal interrupts the load test, which
         # then still reads /remaining from the service before it stops it.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, process_group=0)
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE if stderr is None else stderr,
+                                text=True, env=env, cwd=cwd, process_group=0)
     except OSError as exc:
-        raise SpawnError(f"cannot start the service ({' '.join(cmd)}): {exc}") from exc
-    assert proc.stdout is not None and proc.stderr is not None
-    relay = _StderrRelay(proc.stderr)
+        raise SpawnError(f"cannot start the service ({' '.join(argv)}): {exc}") from exc
+    assert proc.stdout is not None
+    relay = _StderrRelay(proc.stderr) if proc.stderr is not None else None
+    service = SpawnedService(proc)
     lines: queue.Queue[str | None] = queue.Queue()
-    pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True,
-                            name="spawned-stdout")
+    pump = threading.Thread(target=_pump_urls, args=(proc.stdout, lines, service.urls),
+                            daemon=True, name="spawned-stdout")
     try:
         pump.start()
-        url = None
         deadline = time.monotonic() + start_timeout
         try:
-            while url is None:
+            while not service.urls:
                 line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
                 if line is None:
                     status = proc.wait(STOP_TIMEOUT)
                     raise SpawnError(f"the spawned service exited with status {status} "
                                      "before it was listening (its messages are above)")
-                match = _LISTENING.match(line)
-                if match:
-                    url = match.group(1)
-                    relay.listening = True
         except queue.Empty:
             raise SpawnError(f"the spawned service did not say it was listening "
                              f"within {start_timeout:g} s") from None
-        yield url
+        if relay is not None:
+            relay.listening = True
+        yield service
     finally:
         _stop(proc)
         pump.join(STOP_TIMEOUT)  # the pipe ends when the service has exited
         proc.stdout.close()
-        relay.finish()
+        if relay is not None:
+            relay.finish()
+
+
+def _pump_urls(stream: IO[str], lines: queue.Queue[str | None], urls: list[str]) -> None:
+    """Read the service's stdout to its end, noting each URL it says it listens on."""
+    for line in stream:
+        match = _LISTENING.match(line)
+        if match:
+            urls.append(match.group(1))
+        lines.put(line)
+    lines.put(None)
+
+
+@contextmanager
+def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
+                    start_timeout: float = START_TIMEOUT) -> Iterator[str]:
+    """Start the load generator's service, yield its base URL, stop it afterwards.
+
+    The service's stderr (its logs and warnings) goes to ours, prefixed with
+    ``[service]``, up to STDERR_LINES lines.
+    """
+    with running_service(serve_command(tickets, store, extra),
+                         start_timeout=start_timeout) as service:
+        yield service.url

@@ -6,6 +6,7 @@ import json
 import socket
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.telemetry import SalesRate
-from tests.conftest import FakeClock, run_threads, server_process
+from tests.conftest import FakeClock, run_threads, service_process
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -83,13 +84,15 @@ def test_sales_rate_covers_the_last_minute_only() -> None:
 
 
 @pytest.mark.parametrize("form", ["plain", "json", "off"])
-def test_access_log_has_one_line_per_request(form: str) -> None:
-    with server_process("--access-log", form) as (process, url):
+def test_access_log_has_one_line_per_request(form: str, tmp_path: Path) -> None:
+    log = tmp_path / "stderr.log"
+    with log.open("w") as file, service_process("--access-log", form, stderr=file) as service:
+        url = service.url
         requests.post(f"{url}/buy?quantity=2", headers={"Idempotency-Key": "a"}, timeout=5)
         requests.post(f"{url}/buy?quantity=2", headers={"Idempotency-Key": "a"}, timeout=5)
         requests.get(f"{url}/nowhere", timeout=5)
-        process.terminate()
-        _, stderr = process.communicate(timeout=10)
+        assert service.stop() == 0
+    stderr = log.read_text()
     lines = [line for line in stderr.splitlines() if "/buy" in line or "/nowhere" in line]
     if form == "off":
         assert lines == []
@@ -107,11 +110,13 @@ def test_access_log_has_one_line_per_request(form: str) -> None:
         assert '"GET /nowhere" 404' in lines[2] and lines[2].endswith("ms")
 
 
-def test_log_level_warning_hides_info() -> None:
-    with server_process("--log-level", "warning") as (process, url):
-        requests.get(f"{url}/healthz", timeout=5)
-        process.terminate()
-        _, stderr = process.communicate(timeout=10)
+def test_log_level_warning_hides_info(tmp_path: Path) -> None:
+    log = tmp_path / "stderr.log"
+    with log.open("w") as file, service_process("--log-level", "warning",
+                                                stderr=file) as service:
+        requests.get(f"{service.url}/healthz", timeout=5)
+        assert service.stop() == 0
+    stderr = log.read_text()
     assert "/healthz" not in stderr and "stopped" not in stderr
 
 
@@ -129,7 +134,10 @@ def test_buy_answers_with_many_idle_connections_open(live_server: Callable[..., 
 
 def test_idle_connections_past_the_limit_are_reclaimed(live_server: Callable[..., Any]
                                                        ) -> None:
-    with live_server(tickets=5, connection_limit=20, channel_timeout=1) as url, \
+    # No per-client limit: every connection here comes from one address, and what is
+    # tested is the total limit (tests/test_slow_clients.py tests the other).
+    with live_server(tickets=5, connection_limit=20, channel_timeout=1,
+                     max_connections_per_client=0) as url, \
             ExitStack() as stack:
         idle_connections(url, 40, stack)
         # Past the limit, new connections wait until idle ones time out and are closed.
