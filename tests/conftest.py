@@ -193,9 +193,11 @@ def wait_until_healthy(url: str, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def serving(settings: Settings, store: Store) -> Iterator[str]:
+def serving(settings: Settings, store: Store,
+            app_clock: Callable[[], float] = time.time) -> Iterator[str]:
     """Run a real waitress server in a thread on a free loopback port; yield its URL."""
-    server = Server(settings.replace(host="127.0.0.1", port=0), create_app(settings, store))
+    server = Server(settings.replace(host="127.0.0.1", port=0),
+                    create_app(settings, store, app_clock))
     thread = threading.Thread(target=server.serve, name="waitress", daemon=True)
     thread.start()
     try:
@@ -209,11 +211,13 @@ def serving(settings: Settings, store: Store) -> Iterator[str]:
 
 @pytest.fixture
 def live_server(make_store: Stores) -> Callable[..., Any]:
-    """``live_server(tickets=..., **settings)`` is a context manager yielding a base URL."""
+    """``live_server(tickets=..., app_clock=..., **settings)`` is a context manager yielding
+    a base URL; ``app_clock`` is the clock of the app's sales figures."""
 
-    def start(tickets: int = 100, **overrides: Any) -> Any:
+    def start(tickets: int = 100, app_clock: Callable[[], float] = time.time,
+              **overrides: Any) -> Any:
         settings = make_store.settings(tickets, **overrides)
-        return serving(settings, make_store.open(settings))
+        return serving(settings, make_store.open(settings), app_clock)
 
     return start
 
