@@ -52,29 +52,32 @@ class ClientSlots:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit  # 0: no limit
+        self._lock = threading.Lock()  # connections open on the event loop; close anywhere
         self._held: dict[str, int] = {}
         self._refusing: dict[str, int] = {}
 
     def take(self, address: str) -> str:
-        held = self._held.get(address, 0)
-        if not self.limit or held < self.limit:
-            self._held[address] = held + 1
-            return self.SERVE
-        refusing = self._refusing.get(address, 0)
-        if refusing < _REFUSALS_PER_CLIENT:
-            self._refusing[address] = refusing + 1
-            return self.REFUSE
-        return self.DROP
+        with self._lock:
+            held = self._held.get(address, 0)
+            if not self.limit or held < self.limit:
+                self._held[address] = held + 1
+                return self.SERVE
+            refusing = self._refusing.get(address, 0)
+            if refusing < _REFUSALS_PER_CLIENT:
+                self._refusing[address] = refusing + 1
+                return self.REFUSE
+            return self.DROP
 
     def give_back(self, address: str, taken: str) -> None:
         counts = {self.SERVE: self._held, self.REFUSE: self._refusing}.get(taken)
         if counts is None:
             return
-        left = counts[address] - 1
-        if left:
-            counts[address] = left
-        else:
-            del counts[address]
+        with self._lock:
+            left = counts[address] - 1
+            if left:
+                counts[address] = left
+            else:
+                del counts[address]
 
 
 def _too_many_connections(limit: int) -> bytes:
@@ -171,16 +174,20 @@ class _Channel(HTTPChannel):
                 self.will_close = True
             return
         started = self.ticketbooth_first_byte
-        if started is None or now - started < timeout:
+        # While a request is served or an answer is still going out, the next request waits
+        # its turn (and writing here could wait for this very thread to flush).
+        if started is None or now - started < timeout or self.total_outbufs_len:
             return
         with self.requests_lock:
-            if self.requests:  # a request is being served: the next one waits its turn
+            if self.requests:
                 return
             request = self.request
             # waitress's parser holds the header bytes so far in header_plus, and has a
             # body_rcv once the headers are done.
             line_read = request is not None and (request.body_rcv is not None
                                                  or b"\n" in request.header_plus.lstrip())
+            if request is not None:
+                request.close()  # its body buffer, if it had one
             self.request = None
             self.ticketbooth_first_byte = None
             if line_read:
