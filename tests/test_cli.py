@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from app.cli import build_parser
+from app.listening import resolve
 from app.settings import Settings, SettingsError, describe, load
 from tests.conftest import poll, run_cli, service_process
 
@@ -116,6 +117,19 @@ def test_every_address_of_the_host_is_listened_on_with_one_line_each(tmp_path: P
         for url in service.urls:
             assert requests.get(f"{url}/remaining", timeout=10).json()["sold"] == 3
         assert service.stop() == 0
+
+
+@pytest.mark.parametrize(("host", "addresses"), [
+    ("127.0.0.1", [("127.0.0.1", 8000)]),
+    ("::1", [("::1", 8000, 0, 0)]),
+    ("[::1]", [("::1", 8000, 0, 0)]),
+    # IPv4 first, each address once, whatever order they were named in.
+    ("::1, 127.0.0.1,::1", [("127.0.0.1", 8000), ("::1", 8000, 0, 0)]),
+])
+def test_resolve_lists_every_address_once_ipv4_first(host: str,
+                                                     addresses: list[tuple[object, ...]]
+                                                     ) -> None:
+    assert [sockaddr for _family, sockaddr in resolve(host, 8000)] == addresses
 
 
 @pytest.mark.skipif(len({info[4][0] for info in socket.getaddrinfo(

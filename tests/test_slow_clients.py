@@ -18,6 +18,7 @@ from tests.conftest import poll, service_process
 
 # Another loopback address than the service's clients usually come from: a second client.
 OTHER_CLIENT = "127.0.0.2"
+THIRD_CLIENT = "127.0.0.3"
 
 
 def port_of(url: str) -> int:
@@ -29,12 +30,14 @@ def connect(port: int, source: str = "127.0.0.1", timeout: float = 5.0) -> socke
                                     source_address=(source, 0))
 
 
-def buy_from(url: str, source: str, timeout: float) -> tuple[int, dict[str, object]]:
-    """POST /buy from a socket bound to ``source``; status and JSON body."""
+def ask_from(url: str, source: str, timeout: float, method: str = "POST",
+             path: str = "/buy") -> tuple[int, dict[str, object]]:
+    """One request from a socket bound to ``source`` (POST /buy unless told); status and
+    JSON body."""
     client = http.client.HTTPConnection("127.0.0.1", port_of(url), timeout=timeout,
                                         source_address=(source, 0))
     try:
-        client.request("POST", "/buy", body=b"", headers={"Content-Length": "0"})
+        client.request(method, path, body=b"", headers={"Content-Length": "0"})
         answer = client.getresponse()
         return answer.status, json.loads(answer.read())
     finally:
@@ -92,8 +95,10 @@ class Trickler:
                     continue
                 self.sockets.append(sock)
             self.opened.set()
-            for _ in range(600):  # bounded: 0.1 s a round, 60 s at most
-                if self.stop.wait(0.1):
+            # A byte a second into each: well inside the idle timeout, so every connection
+            # stays active. Bounded: 60 rounds at most.
+            for _ in range(60):
+                if self.stop.wait(1.0):
                     break
                 for sock in list(self.sockets):
                     try:
@@ -131,9 +136,15 @@ def test_a_trickling_crowd_from_one_address_does_not_lock_out_a_buyer(
         crowd = Trickler(port_of(service.url), 1_100)  # --connection-limit is 1000
         trickler.append(crowd)
         assert crowd.opened.wait(timeout=60), "the crowd did not get its connections"
+        # The crowd's connections wait in the kernel's accept queue, first in first out,
+        # until the server takes them in; a request from a third address, queued behind
+        # them, is answered once it has (without the limits: never, as the crowd then holds
+        # every slot).
+        assert ask_from(service.url, THIRD_CLIENT, timeout=30, method="GET",
+                        path="/remaining")[0] == 200
         # 2 s: the behaviour asked for (a buyer answered within 2 s while the crowd holds
-        # on), not a speed target; without the limits the buyer is never answered at all.
-        status, body = buy_from(service.url, OTHER_CLIENT, timeout=2.0)
+        # on), not a speed target.
+        status, body = ask_from(service.url, OTHER_CLIENT, timeout=2.0)
         assert (status, body) == (200, {"tickets": [{"serial": 1}], "remaining": 9})
 
 
@@ -158,7 +169,7 @@ def test_a_request_that_trickles_in_is_cut_off(sent: bytes, trickle: bytes,
             assert head.startswith(b"HTTP/1.1 408 ")
             assert json.loads(body)["error"] == "request_timeout"
         # The service goes on serving.
-        assert buy_from(service.url, "127.0.0.1", timeout=10)[0] == 200
+        assert ask_from(service.url, "127.0.0.1", timeout=10)[0] == 200
 
 
 def test_past_the_per_client_limit_a_connection_is_told_why() -> None:
@@ -169,14 +180,14 @@ def test_past_the_per_client_limit_a_connection_is_told_why() -> None:
         for sock in (first, second):  # each is served: a request answered on it
             sock.sendall(b"GET /remaining HTTP/1.1\r\nHost: booth\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
-        status, body = buy_from(service.url, "127.0.0.1", timeout=10)
+        status, body = ask_from(service.url, "127.0.0.1", timeout=10)
         assert status == 429 and body["error"] == "too_many_connections"
         assert "--max-connections-per-client" in str(body["message"])
         # Another address has slots of its own.
-        assert buy_from(service.url, OTHER_CLIENT, timeout=10)[0] == 200
+        assert ask_from(service.url, OTHER_CLIENT, timeout=10)[0] == 200
         # A closed connection gives its slot back (once the server has seen it close).
         first.close()
-        poll(lambda: buy_from(service.url, "127.0.0.1", timeout=10)[0] == 200,
+        poll(lambda: ask_from(service.url, "127.0.0.1", timeout=10)[0] == 200,
              "a slot given back")
 
 
