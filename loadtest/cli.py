@@ -33,7 +33,16 @@ from loadtest.compare import run_compare
 from loadtest.csvout import CsvStream, NewEntries
 from loadtest.html_report import write_html
 from loadtest.processes import run_load_processes
-from loadtest.report import Progress, Report, format_text, to_json, verdict, write_plot
+from loadtest.report import (
+    PER_CLIENT_HINT,
+    Progress,
+    Report,
+    format_text,
+    hints,
+    to_json,
+    verdict,
+    write_plot,
+)
 from loadtest.spawn import SpawnError, spawned_service
 from loadtest.stages import Schedule, Stage, parse_stages
 from loadtest.stats import BoothStats, latency_summary, merge
@@ -232,6 +241,8 @@ def _get_json(url: str) -> dict[str, object]:
                   "timeout": f"no answer within {PROBE_TIMEOUT:g} s",
                   "reset": "the connection was reset"}.get(kind, str(exc))
         raise ServiceError(f"cannot reach the service at {url}: {reason}") from None
+    if response.status_code == 429:
+        raise ServiceError(f"GET {url} was refused, HTTP 429: {PER_CLIENT_HINT}")
     if response.status_code != 200:
         raise ServiceError(f"unexpected answer from GET {url}: HTTP {response.status_code}")
     try:
@@ -337,7 +348,7 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
 
     if args.quiet:
         fails = [f"  FAIL  {c.name}: {c.detail}" for c in checks if not c.passed]
-        print("\n".join([*fails, verdict(report)]), file=out)
+        print("\n".join([*fails, *hints(stats.status_counts), verdict(report)]), file=out)
     else:
         print(format_text(report), file=out)
     if fault_error:

@@ -24,7 +24,7 @@ import urllib3.util
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
-from waitress.server import create_server
+from waitress.server import BaseWSGIServer, create_server
 from waitress.task import Task, ThreadedTaskDispatcher, WSGITask
 
 
@@ -161,3 +161,18 @@ def test_requests_session_gives_the_pool_a_booth_uses() -> None:
         assert isinstance(conn, urllib3.connection.HTTPConnection)
         assert (prepared.path_url, conn.is_connected) == ("/buy", False)
         conn.close()
+
+
+@pytest.mark.parametrize(("owner", "names"), [
+    (HTTPChannel, ["request", "requests", "requests_lock", "will_close", "close_when_flushed",
+                   "total_outbufs_len", "received", "write_soon", "del_channel",
+                   "handle_close", "service", "writable"]),
+    (HTTPRequestParser, ["header_plus", "body_rcv", "close", "error"]),
+    (BaseWSGIServer, ["channel_class", "add_task", "effective_host", "trigger",
+                      "task_dispatcher"]),
+])
+def test_the_waitress_attributes_the_server_uses_are_there(owner: type, names: list[str]) -> None:
+    # Instance attributes set in __init__ are looked for in its code.
+    code = owner.__init__.__code__.co_names
+    missing = [name for name in names if not hasattr(owner, name) and name not in code]
+    assert not missing, f"waitress changed: {owner.__name__} has no {missing}"
