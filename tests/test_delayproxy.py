@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.delayproxy import parse_target
+from bench.load import port_of
 from bench.procs import ServerProcess
 
 DELAY_S = 0.05
@@ -39,7 +39,7 @@ def link(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket]]:
             "--delay-ms", str(DELAY_S * 1000)], tmp_path)
         proxy.start()
         try:
-            address = parse_target(proxy.wait_listening().removeprefix("tcp://"))
+            address = ("127.0.0.1", port_of(proxy.wait_listening()))
             with socket.create_connection(address, timeout=10) as client:
                 upstream, _ = listener.accept()
                 with upstream:
