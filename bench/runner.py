@@ -304,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Benchmark ticketbooth against the stack's own ceilings (a bare WSGI "
                     "hello and a Flask hello on the same waitress settings), every store, "
-                    "two PostgreSQL instances, a small and a large stock, ticketbooth-load "
+                    "two PostgreSQL instances, PostgreSQL 1 ms away through a delay proxy, "
+                    "keyed and keyless buys, a small and a large stock, ticketbooth-load "
                     "against wrk, and p99 at half the peak rate; print each ratio next to "
-                    "its target with PASS or MISS.",
+                    "its target with PASS or MISS, and the CPU per sale.",
         epilog="Exit status: 0 the bench ran (MISSes included: it is a report), 2 it could "
                "not run, 130 interrupted. Measurements: "
                + ", ".join(m.name for m in MEASUREMENTS) + ".")
