@@ -252,7 +252,8 @@ class _WriterConnection:
         OutcomeUnknown when the connection was lost before its answer came."""
         conn = self._connection()
         try:
-            return conn.execute(sql, params).fetchall()
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
         except psycopg.Error as error:
             log.warning("PostgreSQL at %s failed: %s", self._where, _one_line(error))
             if conn.broken:
