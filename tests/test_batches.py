@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,7 +18,7 @@ import psycopg
 import pytest
 
 from app.inventory import IdempotencyKeyReuse, Outcome, Sale, SoldOut, Store
-from tests.conftest import Stores
+from tests.conftest import Stores, poll
 
 # (quantity, key) in arrival order, after one keyless sale of 1 from a stock of 7 (6 left),
 # and each order's expected outcome: serials, "sold out", "reuse", or ("replay", serials).
@@ -82,10 +81,7 @@ def sell_as_one_batch(kind: str, url: str, store: Store) -> list[Outcome]:
         store.sell_later(1, None, done(-1))  # type: ignore[attr-defined]
         # The writer takes the first order alone, and is held up committing it.
         orders = store._orders  # type: ignore[attr-defined]
-        deadline = time.monotonic() + 10
-        while orders.pending and time.monotonic() < deadline:
-            time.sleep(0.01)  # readiness poll
-        assert not orders.pending, "the writer did not take the first order"
+        poll(lambda: not orders.pending, "the writer to take the first order")
         for index, (quantity, key) in enumerate(BATCH):
             store.sell_later(quantity, key, done(index))  # type: ignore[attr-defined]
     for _ in range(len(BATCH) + 1):

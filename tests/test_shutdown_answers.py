@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import requests
@@ -19,14 +18,7 @@ from app.api import create_app
 from app.server import Server
 from app.settings import Settings
 from app.stores import open_store
-from tests.conftest import wait_until_healthy
-
-
-def poll(condition: object, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)  # readiness poll
+from tests.conftest import poll, wait_until_healthy
 
 
 def test_grace_period_over_withdraws_queued_sales_and_answers_committed_ones(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import requests
 from app.settings import Settings
 from app.stores import open_store
 from app.stores.sqlite import SqliteStore
-from tests.conftest import run_cli, service_process, serving
+from tests.conftest import poll, run_cli, service_process, serving
 
 
 def start_cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -160,10 +159,7 @@ def test_an_answer_past_the_order_timeout_says_whether_the_sale_may_happen(
                 first = threading.Thread(target=buy, args=("held",))
                 first.start()
                 orders = store._orders  # type: ignore[attr-defined]
-                deadline = time.monotonic() + 10
-                while not orders.busy and time.monotonic() < deadline:
-                    time.sleep(0.01)  # readiness poll: the writer holds the first order
-                assert orders.busy, "the writer never took the first order"
+                poll(lambda: orders.busy, "the writer to hold the first order")
                 second = threading.Thread(target=buy, args=("queued",))
                 second.start()
                 first.join(timeout=30)
