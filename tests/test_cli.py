@@ -175,3 +175,16 @@ def test_postgres_store_without_its_extra_exits_2_naming_it() -> None:
     assert (result.returncode, result.stdout) == (2, "")
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "pip install 'ticketbooth[postgres]'" in lines[0], lines
+
+
+def test_an_idle_server_stops_without_a_grace_period_and_without_a_warning(
+        tmp_path: Path) -> None:
+    """--shutdown-timeout 0 with nothing in flight: nothing was cut short, so nothing is
+    said to have been."""
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr, service_process("--store", f"sqlite:///{tmp_path / 't.db'}",
+                                                  "--shutdown-timeout", "0",
+                                                  stderr=stderr) as service:
+        assert requests.post(f"{service.url}/buy", timeout=5).status_code == 200
+        assert service.stop() == 0
+    assert "grace period over" not in log.read_text()
