@@ -68,12 +68,15 @@ container-test: $(VENV)/.installed-test container-deps
 	$(BIN)/python -m pytest -m container tests/container
 
 # The lesson over HTTP: the default load test against the real store (all checks pass)
-# and against the unsafe one (the checks catch it); succeeds when both go as expected.
+# and against the unsafe one (the checks catch it), then SQLite killed, stopped and paused
+# (all checks pass) and the memory store killed (the checks catch it); about a minute;
+# succeeds when all four go as expected.
 demo: $(VENV)/.installed-run
 	$(BIN)/python -m loadtest.demo
 
-# The benchmark (python -m bench; about 4 minutes): every store against a bare WSGI
-# hello and a Flask hello on the same waitress settings; results in bench-results/.
+# The benchmark (python -m bench; about 5 minutes, see docs/performance.md): every store
+# against a bare WSGI hello and a Flask hello on the same waitress settings; results in
+# bench-results/.
 # Extra flags in BENCH_ARGS, e.g. make bench BENCH_ARGS="--only memory sqlite --repeat 5".
 BENCH_ARGS ?=
 bench: $(VENV)/.installed-run wrk postgres-server

@@ -30,9 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
-from app.inventory import Counts, Hold, Outcome, OutcomeUnknown, Sale, StoreUnavailable
+from app.inventory import (
+    Counts,
+    Hold,
+    Outcome,
+    OutcomeUnknown,
+    Sale,
+    StoreUnavailable,
+    new_hold_id,
+)
 
-__all__ = ["Batch", "GroupCommit", "Order", "OrderKind"]
+__all__ = ["Batch", "GroupCommit", "GroupCommitted", "Order", "OrderKind"]
 
 log = logging.getLogger("ticketbooth")
 
@@ -264,3 +272,36 @@ class GroupCommit:
                                         "to learn its outcome")
                 for order in unknown:
                     _tell(order, unsure)
+
+
+class GroupCommitted:
+    """What a store that sells through a :class:`GroupCommit` (``self._orders``) answers."""
+
+    _orders: GroupCommit
+
+    def sell(self, quantity: int, key: str | None = None) -> Sale:
+        result = self._orders.submit(Order(quantity, key))
+        assert isinstance(result, Sale)
+        return result
+
+    def sell_later(self, quantity: int, key: str | None,
+                   done: Callable[[Outcome], None]) -> None:
+        self._orders.enqueue(Order(quantity, key, callback=done))
+
+    def withdraw_pending(self) -> int:
+        return self._orders.withdraw_all()
+
+    def hold(self, quantity: int, ttl: float, key: str | None = None) -> Hold:
+        result = self._orders.submit(Order(quantity, key, "hold", new_hold_id(), ttl))
+        assert isinstance(result, Hold)
+        return result
+
+    def confirm(self, hold_id: str) -> Sale:
+        result = self._orders.submit(Order(0, None, "confirm", hold_id))
+        assert isinstance(result, Sale)
+        return result
+
+    def release(self, hold_id: str) -> Hold:
+        result = self._orders.submit(Order(0, None, "release", hold_id))
+        assert isinstance(result, Hold)
+        return result

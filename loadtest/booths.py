@@ -24,6 +24,8 @@ Two loops:
   booth ``b`` of ``n`` taking the slots ``b, b + n, b + 2n, ...``; latency is
   measured from a request's *intended* send time, so a stalled server cannot
   hide its delay by holding the booths back (coordinated-omission correction).
+  With a ``schedule`` (``--stages``) the slots are due at the times it gives
+  instead, the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ import urllib3.connection
 import urllib3.exceptions
 import urllib3.util
 
+from loadtest.history import Reply, buy_until_answered
+from loadtest.stages import Schedule
 from loadtest.stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_SOLD_OUT, BoothStats
 
 __all__ = ["LoadPlan", "LoadResult", "classify_exception", "run_load"]
@@ -82,6 +86,12 @@ class LoadPlan:
     think_s: float = 0.0
     timeout: float = 10.0
     processes: int = 1
+    #: ``--stages``: an open loop whose rate ramps (``duration`` is then the stages' total).
+    schedule: Schedule | None = None
+    #: Every purchase carries an Idempotency-Key and is retried until it has a definite
+    #: answer, for at most ``retry_for`` seconds (``--idempotent``, ``--faults``).
+    idempotent: bool = False
+    retry_for: float = 30.0
 
     @property
     def until_sold_out(self) -> bool:
@@ -89,7 +99,14 @@ class LoadPlan:
 
     @property
     def mode(self) -> str:
-        return "open" if self.rate else "closed"
+        return "open" if self.rate or self.schedule else "closed"
+
+    def send_time(self, slot: int) -> float:
+        """Seconds after the start at which open-loop request ``slot`` is due."""
+        if self.schedule is not None:
+            return self.schedule.send_time(slot)
+        assert self.rate
+        return slot / self.rate
 
 
 @dataclass
@@ -207,6 +224,7 @@ class _Booth:
         self.index = index
         self.control = control
         self.stats = BoothStats(booth=index + 1, url=url)
+        self.instance = plan.urls.index(url)
         self.failure: BaseException | None = None
         self.last_done = -math.inf  # when this booth's last answer (or failure) came
         self.finished_at = 0.0
@@ -237,7 +255,7 @@ class _Booth:
             early = self.control.origin - time.perf_counter()  # a start set by another process
             if early > 0 and self.control.stop.wait(early):
                 return
-            if self.control.plan.rate:
+            if self.control.plan.mode == "open":
                 self._open_loop()
             else:
                 self._closed_loop()
@@ -275,8 +293,10 @@ class _Booth:
     def _open_loop(self) -> None:
         control = self.control
         plan = control.plan
-        assert plan.rate
-        stop, deadline, rate, limit = control.stop, control.deadline, plan.rate, plan.requests
+        stop, deadline, due = control.stop, control.deadline, plan.send_time
+        limit = plan.requests if plan.schedule is None else plan.schedule.total
+        st = self.stats  # each request: when it was sent, where its records begin
+        sent_at, sent_record, records = st.sent_at, st.sent_record, st.outcome
         until_sold_out = plan.until_sold_out
         perf = time.perf_counter
         slot, step = self.index, plan.booths  # the index is global across processes
@@ -284,12 +304,14 @@ class _Booth:
         while not stop.is_set():
             if limit is not None and slot >= limit:
                 break
-            intended = control.origin + slot / rate
+            intended = control.origin + due(slot)
             if deadline is not None and intended >= deadline:
                 break
             delay = intended - perf()
             if delay > 0 and stop.wait(delay):
                 break
+            sent_at.append(perf() - control.origin)
+            sent_record.append(len(records))
             outcome = self._buy(intended)
             if outcome == OUTCOME_SOLD_OUT and until_sold_out:
                 break
@@ -298,9 +320,8 @@ class _Booth:
                 break
             slot += step
 
-    def _buy(self, intended: float) -> int:
-        """Send one purchase, record it, and answer its OUTCOME_*."""
-        st = self.stats
+    def _exchange(self, intended: float, key: str | None = None) -> Reply:
+        """Send one purchase on the booth's connection; its status and body, or the failure."""
         conn = self.conn
         try:
             if intended - self.last_done > _IDLE_CHECK_S and not conn.is_connected:
@@ -309,20 +330,32 @@ class _Booth:
             conn.putheader("Host", self.host)
             conn.putheader("Content-Type", self.content_type)
             conn.putheader("Content-Length", self.content_length)
+            if key is not None:
+                conn.putheader("Idempotency-Key", key)
             conn.endheaders(self.body)
             response = _getresponse(conn)
             body = response.read()  # read the whole body: the connection can be reused
         except _WIRE_ERRORS as exc:
             conn.close()  # a connection in an unknown state: the next request reconnects
-            now = self.last_done = time.perf_counter()
+            self.last_done = time.perf_counter()
             kind, maybe_sent = classify_exception(_as_urllib3_error(exc))
-            st.errors[kind] += 1
+            return Reply(None, b"", kind, maybe_sent)
+        self.last_done = time.perf_counter()
+        return Reply(response.status, body)
+
+    def _buy(self, intended: float) -> int:
+        """Send one purchase, record it, and answer its OUTCOME_*."""
+        if self.control.plan.idempotent:
+            return self._buy_keyed(intended)
+        st = self.stats
+        status, body, failure, maybe_sent = self._exchange(intended)
+        now = self.last_done
+        if status is None:
+            st.errors[failure] += 1
             if maybe_sent:
                 st.unknown_tickets += self.control.plan.quantity
             st.record(now - self.control.origin, int((now - intended) * 1e6), OUTCOME_ERROR)
             return OUTCOME_ERROR
-        now = self.last_done = time.perf_counter()
-        status = response.status
         st.status_counts[status] += 1
         if status == 200:
             try:
@@ -343,6 +376,47 @@ class _Booth:
             st.errors["5xx" if status >= 500 else "other"] += 1
             outcome = OUTCOME_ERROR
         st.record(now - self.control.origin, int((now - intended) * 1e6), outcome)
+        return outcome
+
+    def _buy_keyed(self, intended: float) -> int:
+        """One keyed purchase, retried until it has an answer (loadtest.history); each
+        attempt counts as a request, the purchase's answer once."""
+        control, st = self.control, self.stats
+        plan, origin = control.plan, control.origin
+        first = True
+
+        def send(key: str) -> Reply:
+            nonlocal first
+            at, first = (intended if first else time.perf_counter()), False
+            return self._exchange(at, key)
+
+        purchase = buy_until_answered(send, plan.quantity, booth=st.booth,
+                                      instance=self.instance, origin=origin,
+                                      retry_for=plan.retry_for, stop=control.stop)
+        st.purchases.append(purchase)
+        outcome = OUTCOME_ERROR
+        for i, attempt in enumerate(purchase.attempts):
+            status = attempt.status
+            if status is None:
+                st.errors[attempt.outcome if attempt.outcome != "connect" else "other"] += 1
+                outcome = OUTCOME_ERROR
+            else:
+                st.status_counts[status] += 1
+                if attempt.outcome == "200":
+                    outcome = OUTCOME_OK
+                elif attempt.outcome == "409 sold_out":
+                    st.sold_out += 1
+                    outcome = OUTCOME_SOLD_OUT
+                else:
+                    st.errors["5xx" if status >= 500 else "other"] += 1
+                    outcome = OUTCOME_ERROR
+            sent = intended - origin if i == 0 else attempt.start
+            st.record(attempt.end, int((attempt.end - sent) * 1e6), outcome)
+        if purchase.answer == "sold":
+            st.serials.extend(purchase.serials)
+            st.tickets += len(purchase.serials)
+        elif purchase.answer == "unknown":
+            st.unknown_tickets += plan.quantity
         return outcome
 
 

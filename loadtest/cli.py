@@ -19,6 +19,7 @@ from typing import IO
 
 import requests
 
+from loadtest import faultrun
 from loadtest.argtypes import non_negative_float, positive_float, positive_int
 from loadtest.booths import LoadPlan, classify_exception, run_load
 from loadtest.checks import (
@@ -27,9 +28,13 @@ from loadtest.checks import (
     check_thresholds,
     run_checks,
 )
+from loadtest.compare import run_compare
+from loadtest.csvout import CsvStream, NewEntries
+from loadtest.html_report import write_html
 from loadtest.processes import run_load_processes
 from loadtest.report import Progress, Report, format_text, to_json, verdict, write_plot
 from loadtest.spawn import SpawnError, spawned_service
+from loadtest.stages import Schedule, Stage, parse_stages
 from loadtest.stats import BoothStats, latency_summary, merge
 
 __all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_THRESHOLD", "EXIT_USAGE", "main", "run"]
@@ -62,6 +67,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _stages(text: str) -> tuple[Stage, ...]:
+    try:
+        return parse_stages(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"not an http:// or https:// URL: {text!r}")
@@ -75,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "measure latency and throughput, then check that nothing was oversold, "
                     "duplicated or lost.",
         epilog="Exit status: 0 all checks passed, 1 a check failed, 2 usage error or service "
-               "unreachable at the start, 3 a threshold was breached.",
+               "unreachable at the start, 3 a threshold was breached. "
+               f"'{PROG} compare BASE.json NEW.json' compares two runs' JSON results "
+               f"(see '{PROG} compare --help').",
     )
     target = p.add_argument_group("target")
     target.add_argument("--url", action="append", type=_url, metavar="URL",
@@ -96,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "--server-arg=--chore-ms=20 (may be repeated)")
 
     load = p.add_argument_group("load")
-    load.add_argument("--booths", type=positive_int, default=10, metavar="N",
+    load.add_argument("--booths", type=positive_int, metavar="N",
                       help="number of booths: concurrent buyer threads, each with its own "
-                           "connection (default 10)")
+                           "connection (default 10; 100 with --stages)")
     load.add_argument("--quantity", type=positive_int, default=1, metavar="K",
                       help="tickets asked for in each purchase (default 1)")
     load.add_argument("--requests", type=positive_int, metavar="N",
@@ -114,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "measuring latency from each request's intended send time "
                            "(coordinated-omission correction); default: closed loop, each "
                            "booth sends as soon as it has its answer")
+    load.add_argument("--stages", type=_stages, metavar="DURATION:RATE,...",
+                      help="open loop whose arrival rate ramps linearly, stage by stage, from "
+                           "the previous stage's rate to each stage's RATE (requests/s) over its "
+                           "DURATION (s, m or h), e.g. 10s:100,30s:2000,20s:2000,10s:0; the run "
+                           "lasts the stages' total, going on past sold out; latency is measured "
+                           "from intended send times as with --rate")
+    load.add_argument("--start-rate", type=non_negative_float, metavar="R",
+                      help="with --stages: the rate the first stage ramps from (default 0)")
     load.add_argument("--think", type=non_negative_float, default=0.0, metavar="MS",
                       help="pause in milliseconds between one booth's purchases (closed loop "
                            "only; default 0)")
@@ -129,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "human report then goes to stderr)")
     out.add_argument("--plot", metavar="PATH.png",
                      help="write a PNG of throughput and latency percentiles over time")
+    out.add_argument("--html", metavar="PATH.html",
+                     help="write a self-contained HTML report (charts, tables, checks), "
+                          "readable offline")
+    out.add_argument("--csv", metavar="PATH.csv",
+                     help="write the time series (the JSON timeseries' columns) as CSV, one row "
+                          "per second as the run goes, flushed each second")
     out.add_argument("--quiet", "-q", action="store_true",
                      help="print only the verdict line (and FAIL lines); no table, no progress "
                           "bar")
@@ -138,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fail when the 99th percentile latency is above MS milliseconds")
     limits.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION",
                         help="fail when errors / requests is above FRACTION (0..1), e.g. 0.01")
+    faultrun.add_arguments(p)
     return p
 
 
@@ -154,13 +183,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"{', '.join(given)} only apply with --spawn")
     if args.rate and args.think:
         parser.error("--think applies to the closed loop only: do not give it with --rate")
-    for path in (args.json_path, args.plot):
+    if args.stages:
+        given = [flag for flag, value in (("--rate", args.rate), ("--duration", args.duration),
+                                          ("--requests", args.requests), ("--think", args.think))
+                 if value]
+        if given:
+            parser.error(f"--stages sets the rate and the length of the run: do not give "
+                         f"{', '.join(given)} with it")
+        if Schedule(args.stages, args.start_rate or 0.0).total == 0:
+            parser.error("--stages schedules no request at all: give a stage a rate above 0")
+    elif args.start_rate is not None:
+        parser.error("--start-rate only applies with --stages")
+    if args.booths is None:
+        args.booths = 100 if args.stages else 10
+    for path in (args.json_path, args.plot, args.html, args.csv):
         if path and path != "-":
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
                 parser.error(f"no such directory for {path!r}: {folder}")
-    if args.plot == "-":
-        parser.error("--plot needs a file path")
+    for flag, path in (("--plot", args.plot), ("--html", args.html), ("--csv", args.csv)):
+        if path == "-":
+            parser.error(f"{flag} needs a file path")
+    faultrun.check_arguments(args, parser)
     return args
 
 
@@ -198,14 +242,17 @@ def read_remaining(base_url: str) -> Snapshot:
 
 
 def _plan(args: argparse.Namespace, urls: Sequence[str]) -> LoadPlan:
+    schedule = Schedule(args.stages, args.start_rate or 0.0) if args.stages else None
     return LoadPlan(urls=tuple(urls), booths=args.booths, quantity=args.quantity,
-                    requests=args.requests, duration=args.duration, rate=args.rate,
+                    requests=args.requests,
+                    duration=schedule.duration if schedule else args.duration, rate=args.rate,
                     think_s=args.think / 1000.0, timeout=args.timeout,
-                    processes=args.processes)
+                    processes=args.processes, schedule=schedule,
+                    idempotent=faultrun.keyed(args), retry_for=args.retry_for)
 
 
 def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, object] | None,
-             out: IO[str]) -> int:
+             out: IO[str], chaos: faultrun.FaultRun | None = None) -> int:
     before = read_remaining(urls[0])
     for url in dict.fromkeys(urls[1:]):
         _get_json(url + "/healthz")
@@ -214,17 +261,39 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
     # The bar only on a terminal: never in pipes or CI logs (with --json - stdout is the JSON).
     show_bar = sys.stdout.isatty() and out.isatty() and not args.quiet
     progress = Progress(plan, before.remaining, enabled=show_bar, stream=out)
+    update = chaos.ticker(progress.update) if chaos else progress.update
+    try:
+        stream = CsvStream(args.csv) if args.csv else None
+    except OSError as exc:
+        print(f"{PROG}: error: cannot write {args.csv}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if plan.processes > 1:
-            result = run_load_processes(plan, on_tick=progress.update)
+            def tick_processes(requests: int, tickets: int, errors: int, elapsed: float) -> None:
+                update(requests, tickets, errors, elapsed)
+                if stream is not None:
+                    stream.tick(elapsed)
+
+            result = run_load_processes(plan, on_tick=tick_processes,
+                                        on_entries=stream.add if stream else None)
         else:
+            new_entries = NewEntries()
+
             def tick(booths: Sequence[BoothStats], elapsed: float) -> None:
-                progress.update(sum(b.requests for b in booths), sum(b.tickets for b in booths),
-                                sum(b.error_count for b in booths), elapsed)
+                update(sum(b.requests for b in booths), sum(b.tickets for b in booths),
+                       sum(b.error_count for b in booths), elapsed)
+                if stream is not None:
+                    stream.add(new_entries(booths))
+                    stream.tick(elapsed)
 
             result = run_load(plan, on_tick=tick)
+            if stream is not None:
+                stream.add(new_entries(result.booths))
     finally:
         progress.close()
+        if stream is not None:
+            stream.close()
+    fault_error = chaos.heal() if chaos else ""
     after: Snapshot | None = None
     after_error = ""
     try:
@@ -235,11 +304,15 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
     checks = run_checks(RunRecord(serials=stats.serials(), before=before, after=after,
                                   acknowledged=stats.tickets, unknown=stats.unknown_tickets,
                                   after_error=after_error))
+    faults = None
+    if plan.idempotent:
+        checks += faultrun.keyed_checks(stats, urls[0], PROBE_TIMEOUT)
+        faults = faultrun.FaultSection.of(chaos, stats, len(dict.fromkeys(urls)), plan.retry_for)
     thresholds = check_thresholds(latency_summary(stats.histogram)["p99"], stats.error_rate,
                                   args.max_p99_ms, args.max_error_rate)
     report = Report(plan=plan, stats=stats, elapsed=result.elapsed, started_at=started_at,
                     before=before, after=after, checks=checks, thresholds=thresholds,
-                    interrupted=result.interrupted, spawn=spawn)
+                    interrupted=result.interrupted, spawn=spawn, faults=faults)
     if result.interrupted:
         report.exit_status = EXIT_INTERRUPTED
     elif report.failed_checks:
@@ -252,9 +325,16 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
         print("\n".join([*fails, verdict(report)]), file=out)
     else:
         print(format_text(report), file=out)
+    if fault_error:
+        print(f"{PROG}: error: {fault_error}", file=sys.stderr)
+        report.exit_status = EXIT_USAGE
     try:
+        if args.history:
+            faultrun.save_history(args.history, stats)
         if args.plot:
             write_plot(report, args.plot)
+        if args.html:
+            write_html(to_json(report), args.html)
         if args.json_path == "-":
             json.dump(to_json(report), sys.stdout, indent=2)
             sys.stdout.write("\n")
@@ -271,6 +351,8 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the load test described by ``argv`` and answer the exit status."""
+    if argv and argv[0] == "compare":
+        return run_compare(argv[1:])
     try:
         args = parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
@@ -278,17 +360,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     out = sys.stderr if args.json_path == "-" else sys.stdout
     try:
         with ExitStack() as stack:
+            chaos = faultrun.start(args, stack)
             if args.spawn:
-                tickets = args.tickets or 100
+                tickets = faultrun.spawn_tickets(args)
                 store = args.store or "memory"
-                url = stack.enter_context(spawned_service(tickets, store, args.server_arg))
                 spawn: dict[str, object] | None = {
                     "tickets": tickets, "store": store, "server_args": list(args.server_arg)}
-                urls = [url]
+                if chaos and chaos.fleet:
+                    urls = chaos.fleet.urls
+                    spawn = {**(spawn or {}), "instances": len(urls)}
+                else:
+                    urls = [stack.enter_context(spawned_service(tickets, store,
+                                                                args.server_arg))]
             else:
                 spawn = None
                 urls = args.url or [DEFAULT_URL]
-            return _execute(args, urls, spawn, out)
+            return _execute(args, urls, spawn, out, chaos)
     except (ServiceError, SpawnError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,7 +9,8 @@ single process, and all processes start at one common ``perf_counter`` time
 closed-loop ``--requests`` budget is split between the processes in
 proportion to their booths.  The workers send their ``BoothStats`` back when
 they are done; progress is shared through a small array they update every
-tick.
+tick.  For ``--csv`` they also send, every tick, the requests recorded since
+the last one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from multiprocessing.synchronize import Barrier, Event
 from typing import Any
 
 from loadtest.booths import LoadPlan, LoadResult, run_load
+from loadtest.csvout import Entry, NewEntries
 from loadtest.stats import BoothStats
 
 __all__ = ["run_load_processes", "split_budget"]
@@ -53,19 +55,22 @@ def split_budget(total: int | None, shares: Sequence[int]) -> list[int | None]:
 
 def _worker(index: int, plan: LoadPlan, booth_ids: list[int], budget: int | None,
             ready: Barrier, go: Event, origin: Any, stop: Event, progress: SynchronizedArray[int],
-            results: multiprocessing.Queue[tuple[str, Any]]) -> None:
+            results: multiprocessing.Queue[tuple[str, Any]], stream: bool = False) -> None:
     """One worker process: wait for the common start, run its booths, send the result."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
         ready.wait(START_TIMEOUT)
         if not go.wait(START_TIMEOUT):
             return
+        new_entries = NewEntries() if stream else None
 
         def publish(booths: Sequence[BoothStats], _elapsed: float) -> None:
             base = index * _FIELDS
             progress[base] = sum(b.requests for b in booths)
             progress[base + 1] = sum(b.tickets for b in booths)
             progress[base + 2] = sum(b.error_count for b in booths)
+            if new_entries is not None and (entries := new_entries(booths)):
+                results.put(("entries", entries))
 
         result = run_load(plan, on_tick=publish, booth_ids=booth_ids, budget=budget,
                           origin=origin.value, should_stop=stop.is_set)
@@ -75,20 +80,27 @@ def _worker(index: int, plan: LoadPlan, booth_ids: list[int], budget: int | None
         results.put(("error", f"booth process {index + 1}: {type(exc).__name__}: {exc}"))
 
 
-def _collect(kind: str, payload: Any, got: list[LoadResult], errors: list[str]) -> None:
+def _collect(kind: str, payload: Any, got: list[LoadResult], errors: list[str],
+             on_entries: Callable[[list[Entry]], None] | None) -> None:
     if kind == "ok":
         got.append(payload)
+    elif kind == "entries":
+        if on_entries is not None:
+            on_entries(payload)
     else:
         errors.append(payload)
 
 
 def run_load_processes(plan: LoadPlan,
                        on_tick: Callable[[int, int, int, float], None] | None = None,
-                       tick_s: float = 0.2) -> LoadResult:
+                       tick_s: float = 0.2,
+                       on_entries: Callable[[list[Entry]], None] | None = None) -> LoadResult:
     """Like ``run_load`` over ``plan.processes`` worker processes.
 
-    ``on_tick(requests, tickets, errors, elapsed)`` reports progress.  Ctrl-C
-    asks the workers to stop and returns what they did, ``interrupted`` set.
+    ``on_tick(requests, tickets, errors, elapsed)`` reports progress;
+    ``on_entries(entries)`` is handed the requests the workers recorded, as they
+    send them (before their results).  Ctrl-C asks the workers to stop and
+    returns what they did, ``interrupted`` set.
     """
     count = min(plan.processes, plan.booths)
     ctx = multiprocessing.get_context("spawn")
@@ -100,7 +112,7 @@ def run_load_processes(plan: LoadPlan,
     results: multiprocessing.Queue[tuple[str, Any]] = ctx.Queue()
     procs = [ctx.Process(target=_worker, name=f"booths-{p + 1}", daemon=True,
                          args=(p, plan, ids[p], budgets[p], ready, go, origin, stop, progress,
-                               results))
+                               results, on_entries is not None))
              for p in range(count)]
     for proc in procs:
         proc.start()
@@ -114,19 +126,22 @@ def run_load_processes(plan: LoadPlan,
             raise RuntimeError("the booth processes did not start") from exc
         origin.value = time.perf_counter() + START_LEAD
         go.set()
+        last_tick = time.perf_counter()
         while len(got) + len(errors) < count:
             try:
                 kind, payload = results.get(timeout=tick_s)
             except queue.Empty:
-                if on_tick is not None:
-                    totals = [sum(progress[p * _FIELDS + f] for p in range(count))
-                              for f in range(_FIELDS)]
-                    on_tick(totals[0], totals[1], totals[2], time.perf_counter() - origin.value)
                 if not any(p.is_alive() for p in procs) and results.empty():
                     codes = [p.exitcode for p in procs]
                     raise RuntimeError(f"booth processes died (exit codes {codes})") from None
-                continue
-            _collect(kind, payload, got, errors)
+            else:
+                _collect(kind, payload, got, errors, on_entries)
+            # Every tick, also while entries keep the queue busy.
+            if on_tick is not None and time.perf_counter() - last_tick >= tick_s:
+                last_tick = time.perf_counter()
+                totals = [sum(progress[p * _FIELDS + f] for p in range(count))
+                          for f in range(_FIELDS)]
+                on_tick(totals[0], totals[1], totals[2], last_tick - origin.value)
     except KeyboardInterrupt:
         interrupted = True
         stop.set()
@@ -136,7 +151,7 @@ def run_load_processes(plan: LoadPlan,
                 kind, payload = results.get(timeout=max(deadline - time.monotonic(), 0.01))
             except queue.Empty:
                 break
-            _collect(kind, payload, got, errors)
+            _collect(kind, payload, got, errors, on_entries)
     finally:
         stop.set()
         for proc in procs:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from functools import cached_property
+from typing import IO, TYPE_CHECKING, Any
 
 from loadtest.booths import LoadPlan
 from loadtest.checks import CheckResult, Snapshot, ThresholdResult
+from loadtest.stage_report import lateness, stage_lines, stage_rows
 from loadtest.stats import ERROR_KINDS, BoothStats, RunStats, latency_summary, timeseries
+
+if TYPE_CHECKING:
+    from loadtest.faultrun import FaultSection
 
 __all__ = ["JSON_VERSION", "Progress", "Report", "format_text", "to_json", "write_plot"]
 
@@ -32,6 +37,8 @@ class Report:
     interrupted: bool = False
     spawn: dict[str, Any] | None = None
     exit_status: int = 0
+    #: Keyed purchases and injected faults (--idempotent, --faults), else None.
+    faults: FaultSection | None = None
 
     @property
     def latency(self) -> dict[str, float]:
@@ -49,6 +56,16 @@ class Report:
     def breached(self) -> list[str]:
         return [t.name for t in self.thresholds if not t.passed]
 
+    @cached_property
+    def stages(self) -> list[dict[str, Any]] | None:
+        """Per-stage figures with ``--stages`` (loadtest.stage_report)."""
+        return stage_rows(self.plan, self.stats.booths)
+
+    @cached_property
+    def lateness(self) -> dict[str, Any] | None:
+        """Open loop: how many requests were sent late, and by how much."""
+        return lateness(self.plan, self.stats.booths)
+
 
 def _stop_condition(plan: LoadPlan) -> str:
     parts = []
@@ -61,6 +78,8 @@ def _stop_condition(plan: LoadPlan) -> str:
 
 def describe_plan(plan: LoadPlan) -> str:
     loop = f"open loop at {plan.rate:g} requests/s" if plan.rate else "closed loop"
+    if plan.schedule is not None:
+        loop = f"open loop, {plan.schedule.describe()}"
     think = f", think {plan.think_s * 1000:g} ms" if plan.think_s else ""
     procs = f" in {min(plan.processes, plan.booths)} processes" if plan.processes > 1 else ""
     return (f"{plan.booths} booths{procs}, {loop}, quantity {plan.quantity}{think}, "
@@ -120,10 +139,12 @@ def format_text(report: Report) -> str:
         f"requests    {st.requests} in {report.elapsed:.2f} s: {report.throughput:.1f} requests/s,"
         f" {st.tickets} tickets ({st.tickets / report.elapsed if report.elapsed else 0.0:.1f}/s)",
         "latency     " + "  ".join(f"{k} {_ms(v)}" for k, v in lat.items())
-        + ("  (from intended send times)" if plan.rate else ""),
+        + ("  (from intended send times)" if plan.mode == "open" else ""),
         f"status      {statuses}",
         f"errors      {errors}  (error rate {st.error_rate:.2%},"
         f" {st.unknown_tickets} tickets unknown)",
+        *stage_lines(report.stages, report.lateness),
+        *(report.faults.lines() if report.faults else []),
         "",
         f"/remaining  before: {_snap(report.before)}",
         f"            after:  {_snap(report.after)}",
@@ -174,6 +195,9 @@ def to_json(report: Report) -> dict[str, Any]:
             "think_ms": plan.think_s * 1000.0,
             "timeout_s": plan.timeout,
             "processes": plan.processes,
+            "stages": ([{"duration_s": s.duration, "target": s.target}
+                        for s in plan.schedule.stages] if plan.schedule else None),
+            "start_rate": plan.schedule.start_rate if plan.schedule else None,
             "mode": plan.mode,
             "until_sold_out": plan.until_sold_out,
             "spawn": report.spawn,
@@ -199,6 +223,9 @@ def to_json(report: Report) -> dict[str, Any]:
         "checks": [c.as_dict() for c in report.checks],
         "thresholds": [t.as_dict() for t in report.thresholds],
         "timeseries": timeseries(st.booths),
+        "stages": report.stages,
+        "lateness": report.lateness,
+        "faults": report.faults.as_dict() if report.faults else None,
         "exit_status": report.exit_status,
     }
 
@@ -233,6 +260,11 @@ def write_plot(report: Report, path: str) -> None:
         bottom.set_xlabel(f"seconds since start ({bucket:g} s buckets)")
         bottom.legend(loc="best", fontsize=8)
         bottom.grid(alpha=0.3)
+        for at, kind in report.faults.times() if report.faults else ():
+            for axis in (top, bottom):
+                axis.axvline(at, color="red", alpha=0.4, linewidth=1)
+            top.annotate(kind, (at, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                         color="red", rotation=90, va="top", ha="right")
         fig.tight_layout()
         fig.savefig(path, dpi=100, format="png")
     finally:

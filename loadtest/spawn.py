@@ -1,7 +1,8 @@
 """``--spawn``: run a local ticketbooth service for the length of a load test.
 
 The service is started as a subprocess (``python -m app serve`` on
-127.0.0.1, port 0) and known only by the URL it prints; it is never imported.
+127.0.0.1, port 0, or a port ``--faults`` chose) and known only by the URL it
+prints; it is never imported.
 Every wait is bounded, and the process is always stopped (SIGTERM, then
 SIGKILL if it does not exit in time) when the ``with`` block ends.
 """
@@ -20,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO
 
-__all__ = ["SpawnError", "serve_command", "spawned_service"]
+__all__ = ["ServiceProcess", "SpawnError", "serve_command", "spawned_service"]
 
 _LISTENING = re.compile(r"^ticketbooth listening on (http://\S+)\s*$")
 #: Seconds to wait for the service to print its listening line.
@@ -37,9 +38,10 @@ class SpawnError(Exception):
     """The service could not be started."""
 
 
-def serve_command(tickets: int, store: str, extra: Sequence[str] = ()) -> list[str]:
-    """The command line that starts the service on a free loopback port."""
-    cmd = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
+def serve_command(tickets: int, store: str, extra: Sequence[str] = (),
+                  port: int = 0) -> list[str]:
+    """The command line that starts the service on loopback (port 0: a free one)."""
+    cmd = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--tickets", str(tickets), "--store", store]
     if store == UNSAFE_STORE:
         cmd.append("--allow-unsafe")
@@ -83,7 +85,7 @@ class _StderrRelay:
     def finish(self) -> None:
         self._thread.join(STOP_TIMEOUT)  # the pipe ends when the service has exited
         self._stream.close()
-        if self.hidden:
+        if self.hidden and self._limit:
             sys.stderr.write(f"[service] ... {self.hidden} more lines not shown\n")
 
 
@@ -97,6 +99,104 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.wait(STOP_TIMEOUT)
 
 
+class ServiceProcess:
+    """One service process, known by its command line; it can be started again after it
+    stopped or was killed (``--faults``), and ``stop`` ends it whatever state it is in.
+
+    ``start`` and ``stop`` may be called from different threads: ``stop`` also ends a
+    process that is still starting, and after ``close`` nothing starts any more.
+    """
+
+    def __init__(self, cmd: Sequence[str]) -> None:
+        self.cmd = list(cmd)
+        #: Lines of stderr passed on once it listens (a restarted service's: none).
+        self.stderr_lines = STDERR_LINES
+        self.proc: subprocess.Popen[str] | None = None
+        self._pump: threading.Thread | None = None
+        self._relay: _StderrRelay | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self, start_timeout: float = START_TIMEOUT) -> str:
+        """Start the process and answer the URL it prints once it listens (SpawnError if it
+        exits first or says nothing in time; it is then stopped)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with self._lock:
+            if self._closed:
+                raise SpawnError("the service was stopped")
+            self._reap()
+            try:
+                # Its own process group: a Ctrl-C at the terminal interrupts the load test,
+                # which then still reads /remaining from the service before it stops it.
+                proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=env, process_group=0)
+            except OSError as exc:
+                raise SpawnError(f"cannot start the service ({' '.join(self.cmd)}): {exc}"
+                                 ) from exc
+            assert proc.stdout is not None and proc.stderr is not None
+            self.proc = proc
+            self._relay = relay = _StderrRelay(proc.stderr, self.stderr_lines)
+            lines: queue.Queue[str | None] = queue.Queue()
+            self._pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True,
+                                          name="spawned-stdout")
+            self._pump.start()
+        deadline = time.monotonic() + start_timeout
+        try:
+            while True:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+                if line is None:
+                    status = proc.wait(STOP_TIMEOUT)
+                    raise SpawnError(f"the spawned service exited with status {status} "
+                                     "before it was listening (its messages are above)")
+                match = _LISTENING.match(line)
+                if match:
+                    relay.listening = True
+                    return match.group(1)
+        except queue.Empty:
+            self.stop()
+            raise SpawnError(f"the spawned service did not say it was listening "
+                             f"within {start_timeout:g} s") from None
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the running process (nothing when it has exited)."""
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit; its exit status (TimeoutExpired past ``timeout``)."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop the process (SIGCONT first, in case it is paused; then SIGTERM, then SIGKILL
+        if it does not exit in time) and release its pipes."""
+        with self._lock:
+            self._reap()
+
+    def close(self) -> None:
+        """Stop the process, and refuse to start it again."""
+        with self._lock:
+            self._closed = True
+            self._reap()
+
+    def _reap(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+        _stop(proc)
+        if self._pump is not None:
+            self._pump.join(STOP_TIMEOUT)  # the pipe ends when the service has exited
+        assert proc.stdout is not None
+        proc.stdout.close()
+        if self._relay is not None:
+            self._relay.finish()
+        self.proc = self._pump = self._relay = None
+
+
 @contextmanager
 def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
                     start_timeout: float = START_TIMEOUT) -> Iterator[str]:
@@ -105,41 +205,8 @@ def spawned_service(tickets: int, store: str, extra: Sequence[str] = (),
     The service's stderr (its logs and warnings) goes to ours, prefixed with
     ``[service]``, up to STDERR_LINES lines.
     """
-    cmd = serve_command(tickets, store, extra)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    service = ServiceProcess(serve_command(tickets, store, extra))
     try:
-        # Its own process group: a Ctrl-C at the terminal interrupts the load test, which
-        # then still reads /remaining from the service before it stops it.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, process_group=0)
-    except OSError as exc:
-        raise SpawnError(f"cannot start the service ({' '.join(cmd)}): {exc}") from exc
-    assert proc.stdout is not None and proc.stderr is not None
-    relay = _StderrRelay(proc.stderr)
-    lines: queue.Queue[str | None] = queue.Queue()
-    pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True,
-                            name="spawned-stdout")
-    try:
-        pump.start()
-        url = None
-        deadline = time.monotonic() + start_timeout
-        try:
-            while url is None:
-                line = lines.get(timeout=max(deadline - time.monotonic(), 0.0))
-                if line is None:
-                    status = proc.wait(STOP_TIMEOUT)
-                    raise SpawnError(f"the spawned service exited with status {status} "
-                                     "before it was listening (its messages are above)")
-                match = _LISTENING.match(line)
-                if match:
-                    url = match.group(1)
-                    relay.listening = True
-        except queue.Empty:
-            raise SpawnError(f"the spawned service did not say it was listening "
-                             f"within {start_timeout:g} s") from None
-        yield url
+        yield service.start(start_timeout)
     finally:
-        _stop(proc)
-        pump.join(STOP_TIMEOUT)  # the pipe ends when the service has exited
-        proc.stdout.close()
-        relay.finish()
+        service.close()

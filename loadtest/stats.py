@@ -17,14 +17,18 @@ from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
+from loadtest.history import Purchase
+
 __all__ = [
     "ERROR_KINDS",
     "OUTCOME_ERROR",
     "OUTCOME_OK",
     "OUTCOME_SOLD_OUT",
     "PERCENTILES",
+    "TIMESERIES_COLUMNS",
     "BoothStats",
     "RunStats",
+    "bucket_row",
     "exact_percentile",
     "latency_summary",
     "merge",
@@ -69,6 +73,13 @@ class BoothStats:
     latency_us: array[int] = field(default_factory=lambda: array("q"))
     #: OUTCOME_* of each request.
     outcome: array[int] = field(default_factory=lambda: array("b"))
+    #: Open loop only: when each request was actually sent, seconds since the run started
+    #: (its intended send time follows from its slot), so lateness and achieved rates show,
+    #: and the index of its first record in the arrays above.
+    sent_at: array[float] = field(default_factory=lambda: array("d"))
+    sent_record: array[int] = field(default_factory=lambda: array("q"))
+    #: Keyed purchases and their attempts (``--idempotent``, ``--faults``).
+    purchases: list[Purchase] = field(default_factory=list)
 
     @property
     def error_count(self) -> int:
@@ -174,20 +185,28 @@ def timeseries(booths: Iterable[BoothStats], bucket_s: float = 1.0) -> list[dict
             buckets.setdefault(int(t // bucket_s), []).append((lat, out))
     if not buckets:
         return []
-    rows = []
-    for index in range(max(buckets) + 1):
-        entries = buckets.get(index, [])
-        latencies = sorted(e[0] for e in entries)
-        outcomes = Counter(e[1] for e in entries)
-        row: dict[str, float] = {
-            "t": round(index * bucket_s, 6),
-            "requests": len(entries),
-            "ok": outcomes[OUTCOME_OK],
-            "sold_out": outcomes[OUTCOME_SOLD_OUT],
-            "errors": outcomes[OUTCOME_ERROR],
-            "throughput_rps": len(entries) / bucket_s,
-        }
-        for label, p in PERCENTILES[:3]:
-            row[f"{label}_ms"] = exact_percentile(latencies, p) / 1000.0
-        rows.append(row)
-    return rows
+    return [bucket_row(index, bucket_s, buckets.get(index, []))
+            for index in range(max(buckets) + 1)]
+
+
+#: The columns of a time series row (the JSON ``timeseries`` and the ``--csv`` file).
+TIMESERIES_COLUMNS = ("t", "requests", "ok", "sold_out", "errors", "throughput_rps", "p50_ms",
+                      "p90_ms", "p99_ms")
+
+
+def bucket_row(index: int, bucket_s: float, entries: Sequence[tuple[int, int]]
+               ) -> dict[str, float]:
+    """The time series row of bucket ``index``: its requests' (latency_us, outcome) pairs."""
+    latencies = sorted(e[0] for e in entries)
+    outcomes = Counter(e[1] for e in entries)
+    row: dict[str, float] = {
+        "t": round(index * bucket_s, 6),
+        "requests": len(entries),
+        "ok": outcomes[OUTCOME_OK],
+        "sold_out": outcomes[OUTCOME_SOLD_OUT],
+        "errors": outcomes[OUTCOME_ERROR],
+        "throughput_rps": len(entries) / bucket_s,
+    }
+    for label, p in PERCENTILES[:3]:
+        row[f"{label}_ms"] = exact_percentile(latencies, p) / 1000.0
+    return row

@@ -97,10 +97,3 @@ def test_unsafe_store_starts_only_when_allowed_and_warns() -> None:
         _, stderr = process.communicate(timeout=5)
     assert "UNSAFE STORE" in stderr
 
-
-def test_readme_documents_every_setting() -> None:
-    from pathlib import Path
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for flag, variable, _default, _help in describe():
-        assert f"| `{flag}` | `{variable}` |" in readme, f"{flag} missing from README"

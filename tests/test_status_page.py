@@ -16,20 +16,12 @@ from typing import Any
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from app.settings import Settings
 from app.stores import open_store
-from tests.browser import ARTIFACTS, launch_chromium
+from tests.browser import ARTIFACTS
 from tests.conftest import server_process, serving
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        yield browser
-        browser.close()
 
 
 class Visitor:

@@ -9,12 +9,18 @@ commit, so it is never held while the network carries a message. The function se
 batch in arrival order, greedily, writes one row of ``sales`` for the batch's consecutive
 serials, and writes each keyed order's receipt in the same transaction.
 
-Idempotency keys across instances: the function first claims the batch's keys, in one
-fixed (sorted) order and before it locks the stock row, so two instances never wait on
-each other in a cycle. Claiming inserts the receipt row (or takes over an expired one); a
-key another instance's batch holds waits for that batch's commit (one statement, no round
-trips), then finds its receipt and replays it. Receipts older than the TTL count as absent
-and are purged in small batches.
+Holds are orders of the same batches: the function creates, confirms and releases them
+under the same lock, with ``stock.held`` counting the tickets of live holds. Expiry is
+judged by the database's clock, read once the lock is taken, so instances with skewed clocks
+agree; an expired hold stops counting at once (the function subtracts the expired live
+holds, found through a partial index), and ``ticketbooth_expire`` cleans them up in small
+batches, called by each instance's writer now and then (each hold is expired by one call).
+
+Idempotency keys across instances: the function reads and writes receipts only while it
+holds the stock row's lock, so batches from every instance take their turns, each sees the
+receipts of every batch committed before it (and replays them), and no batch ever waits for
+another's keys: nothing to deadlock on. Receipts older than the TTL count as absent (a new
+sale takes the key over) and are purged in small batches.
 
 Failures: a batch refused by the database (an error it reports) was rolled back, and its
 orders answer 503 ``store_unavailable``; one whose connection was lost after it was sent
@@ -40,19 +46,17 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from app.groupcommit import Batch, GroupCommit, Order
+from app.groupcommit import Batch, GroupCommit, GroupCommitted, Order
 from app.inventory import (
     Counts,
     Hold,
     HoldNotFound,
-    Outcome,
     OutcomeUnknown,
     Receipt,
     Sale,
     SoldOut,
     StoreUnavailable,
     judge,
-    new_hold_id,
 )
 from app.stores import StoreSetupError
 
@@ -127,6 +131,9 @@ SCHEMA = (
     # otherwise o_count is 0 when the order was sold out, and o_remaining is what was left
     # after it. A new hold has o_state 'held'; a confirm or release has the hold's state
     # after it (NULL for an unknown id), o_replayed when it changed nothing.
+    # Everything happens under the stock row's lock, receipts and holds included: only
+    # the lock holder reads or writes them, so no batch ever waits for another's keys or
+    # holds, and nothing can deadlock.
     """CREATE OR REPLACE FUNCTION ticketbooth_sell(
         p_kinds text[], p_quantities integer[], p_keys text[], p_ids text[],
         p_ttls double precision[], p_at timestamptz, p_cutoff timestamptz,
@@ -136,7 +143,14 @@ SCHEMA = (
                    o_expires timestamptz)
     LANGUAGE plpgsql AS $$
     DECLARE
-        owned text[];  -- keys this batch claimed: new ones, and expired ones taken over
+        live_keys text[];  -- live receipts of earlier batches for this batch's keys
+        live_q integer[];
+        live_f bigint[];
+        live_c integer[];
+        live_r bigint[];
+        live_k text[];
+        live_i text[];
+        live_e timestamptz[];
         done_keys text[] := '{}';  -- keyed orders done here, and their outcomes
         done_q integer[] := '{}';
         done_f bigint[] := '{}';
@@ -156,29 +170,23 @@ SCHEMA = (
         v_at integer;
         v_state text;
         v_first bigint;
+        v_now timestamptz;  -- expiry is judged at the moment the lock is taken
     BEGIN
-        -- Keys first, sorted, then the holds confirmed or released, sorted, then the
-        -- stock row: no two batches wait in a cycle.
-        WITH claimed AS (
-            INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created,
-                                       kind, hold_id, expires_at)
-            SELECT DISTINCT u.k, 0, NULL::bigint, 0, 0::bigint, p_at, 'buy', NULL::text,
-                   NULL::timestamptz
-            FROM unnest(p_keys) AS u(k) WHERE u.k IS NOT NULL ORDER BY 1
-            ON CONFLICT (key) DO UPDATE
-                SET quantity = 0, first_serial = NULL, count = 0, remaining = 0,
-                    created = EXCLUDED.created, kind = 'buy', hold_id = NULL,
-                    expires_at = NULL
-                WHERE r.created <= p_cutoff
-            RETURNING r.key)
-        SELECT coalesce(array_agg(claimed.key), '{}') INTO owned FROM claimed;
-        PERFORM 1 FROM holds h WHERE h.id = ANY (p_ids) ORDER BY h.id FOR UPDATE;
-
         SELECT s.sold, s.total, s.held INTO v_sold, v_total, v_held FROM stock s FOR UPDATE;
+        v_now := clock_timestamp();
+        -- One probe of the partial index, which holds live holds only.
         SELECT coalesce(sum(h.quantity), 0) INTO v_stale FROM holds h
-        WHERE h.state = 'held' AND h.expires_at <= now();
+        WHERE h.state = 'held' AND h.expires_at <= v_now;
         v_start := v_sold;
         v_held_start := v_held;
+        IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
+            SELECT array_agg(r.key), array_agg(r.quantity), array_agg(r.first_serial),
+                   array_agg(r.count), array_agg(r.remaining), array_agg(r.kind),
+                   array_agg(r.hold_id), array_agg(r.expires_at)
+            INTO live_keys, live_q, live_f, live_c, live_r, live_k, live_i, live_e
+            FROM receipts r WHERE r.key = ANY (array_remove(p_keys, NULL))
+                AND r.created > p_cutoff;
+        END IF;
         FOR i IN 1 .. coalesce(cardinality(p_kinds), 0) LOOP
             v_kind := p_kinds[i];
             v_key := p_keys[i];
@@ -198,9 +206,9 @@ SCHEMA = (
                 END IF;
                 o_first := v_first;
                 o_count := CASE WHEN v_first IS NULL THEN 0 ELSE o_quantity END;
-                IF o_state IS NULL AND v_state IS NULL THEN
+                IF v_state IS NULL THEN
                     NULL;  -- no such hold
-                ELSIF v_state = 'held' AND o_expires <= now() THEN
+                ELSIF v_state = 'held' AND o_expires <= v_now THEN
                     o_state := 'expired';
                     o_replayed := true;
                 ELSIF v_state = 'held' AND v_kind = 'confirm' THEN
@@ -237,12 +245,18 @@ SCHEMA = (
                     o_id := done_i[v_at];
                     o_expires := done_e[v_at];
                     o_replayed := true;
-                ELSIF NOT v_key = ANY (owned) THEN  -- a live receipt of an earlier batch
-                    SELECT r.quantity, r.first_serial, r.count, r.remaining, r.kind,
-                           r.hold_id, r.expires_at
-                    INTO o_quantity, o_first, o_count, o_remaining, o_kind, o_id, o_expires
-                    FROM receipts r WHERE r.key = v_key;
-                    o_replayed := true;
+                ELSE
+                    v_at := array_position(live_keys, v_key);
+                    IF v_at IS NOT NULL THEN  -- a live receipt of an earlier batch
+                        o_quantity := live_q[v_at];
+                        o_first := live_f[v_at];
+                        o_count := live_c[v_at];
+                        o_remaining := live_r[v_at];
+                        o_kind := live_k[v_at];
+                        o_id := live_i[v_at];
+                        o_expires := live_e[v_at];
+                        o_replayed := true;
+                    END IF;
                 END IF;
             END IF;
             IF NOT o_replayed THEN
@@ -254,7 +268,7 @@ SCHEMA = (
                 ELSIF v_kind = 'hold' THEN
                     o_id := p_ids[i];
                     o_state := 'held';
-                    o_expires := now() + make_interval(secs => p_ttls[i]);
+                    o_expires := v_now + make_interval(secs => p_ttls[i]);
                     v_held := v_held + o_quantity;
                     INSERT INTO holds (id, quantity, expires_at, state)
                     VALUES (o_id, o_quantity, o_expires, 'held');
@@ -289,28 +303,37 @@ SCHEMA = (
             VALUES (v_start + 1, v_sold - v_start, p_at);
         END IF;
         IF cardinality(done_keys) > 0 THEN
-            UPDATE receipts r
-            SET quantity = u.q, first_serial = u.f, count = u.c, remaining = u.rem,
-                kind = u.kd, hold_id = u.i, expires_at = u.e
+            -- New keys, and expired receipts taken over.
+            INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created,
+                                       kind, hold_id, expires_at)
+            SELECT u.k, u.q, u.f, u.c, u.rem, p_at, u.kd, u.i, u.e
             FROM unnest(done_keys, done_q, done_f, done_c, done_r, done_k, done_i, done_e)
                 AS u(k, q, f, c, rem, kd, i, e)
-            WHERE r.key = u.k;
+            ON CONFLICT (key) DO UPDATE
+                SET quantity = EXCLUDED.quantity, first_serial = EXCLUDED.first_serial,
+                    count = EXCLUDED.count, remaining = EXCLUDED.remaining,
+                    created = EXCLUDED.created, kind = EXCLUDED.kind,
+                    hold_id = EXCLUDED.hold_id, expires_at = EXCLUDED.expires_at;
         END IF;
     END
     $$""",
     # Clean up a small batch of expired holds: marked expired, their tickets taken off
-    # stock.held (they stopped counting at their expiry already). Holds another
-    # transaction has locked are left for next time. Returns how many this call expired.
+    # stock.held (they stopped counting at their expiry already), under the stock row's
+    # lock like every change to holds. Returns how many this call expired.
     """CREATE OR REPLACE FUNCTION ticketbooth_expire(p_limit integer)
     RETURNS integer
     LANGUAGE plpgsql AS $$
     DECLARE
         v_count integer;
         v_quantity bigint;
+        v_now timestamptz;
     BEGIN
+        PERFORM 1 FROM stock FOR UPDATE;
+        v_now := clock_timestamp();
         WITH due AS (
-            SELECT h.id FROM holds h WHERE h.state = 'held' AND h.expires_at <= now()
-            ORDER BY h.expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED),
+            SELECT h.id FROM holds h
+            WHERE h.state = 'held' AND h.expires_at <= v_now
+            ORDER BY h.expires_at LIMIT p_limit),
         expired AS (
             UPDATE holds h SET state = 'expired' FROM due WHERE h.id = due.id
             RETURNING h.quantity)
@@ -441,7 +464,7 @@ def _has_news(conn: Connection[Any]) -> bool:
     return bool(readable)
 
 
-class PostgresStore:
+class PostgresStore(GroupCommitted):
     """Tickets in a PostgreSQL database that several service processes may share."""
 
     def __init__(self, url: str, tickets: int, *, pool_size: int = 10, chore_s: float = 0.0,
@@ -555,32 +578,6 @@ class PostgresStore:
 
     # -- the Store interface -------------------------------------------------------------
 
-    def sell(self, quantity: int, key: str | None = None) -> Sale:
-        result = self._orders.submit(Order(quantity, key))
-        assert isinstance(result, Sale)
-        return result
-
-    def sell_later(self, quantity: int, key: str | None,
-                   done: Callable[[Outcome], None]) -> None:
-        self._orders.enqueue(Order(quantity, key, callback=done))
-
-    def withdraw_pending(self) -> int:
-        return self._orders.withdraw_all()
-
-    def hold(self, quantity: int, ttl: float, key: str | None = None) -> Hold:
-        result = self._orders.submit(Order(quantity, key, "hold", new_hold_id(), ttl))
-        assert isinstance(result, Hold)
-        return result
-
-    def confirm(self, hold_id: str) -> Sale:
-        result = self._orders.submit(Order(0, None, "confirm", hold_id))
-        assert isinstance(result, Sale)
-        return result
-
-    def release(self, hold_id: str) -> Hold:
-        result = self._orders.submit(Order(0, None, "release", hold_id))
-        assert isinstance(result, Hold)
-        return result
 
     def get_hold(self, hold_id: str) -> Hold | None:
         row = self._transaction(lambda conn: conn.execute(HOLD, (hold_id,)).fetchone())

@@ -23,19 +23,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from app.groupcommit import Batch, GroupCommit, Order
+from app.groupcommit import Batch, GroupCommit, GroupCommitted, Order
 from app.inventory import (
     Counts,
     Hold,
     LiveHolds,
-    Outcome,
     Receipt,
     Sale,
     SoldOut,
     StoreUnavailable,
     TicketboothError,
     judge,
-    new_hold_id,
 )
 from app.stores import StoreSetupError
 
@@ -122,7 +120,7 @@ def _take_ownership(path: Path) -> int:
     return fd
 
 
-class SqliteStore:
+class SqliteStore(GroupCommitted):
     def __init__(self, path: Path, tickets: int, *, chore_s: float = 0.0,
                  key_ttl: float = 86400.0, order_timeout: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -195,17 +193,6 @@ class SqliteStore:
 
     # --- the store interface --------------------------------------------------------
 
-    def sell(self, quantity: int, key: str | None = None) -> Sale:
-        result = self._orders.submit(Order(quantity, key))
-        assert isinstance(result, Sale)
-        return result
-
-    def sell_later(self, quantity: int, key: str | None,
-                   done: Callable[[Outcome], None]) -> None:
-        self._orders.enqueue(Order(quantity, key, callback=done))
-
-    def withdraw_pending(self) -> int:
-        return self._orders.withdraw_all()
 
     def restock(self, tickets: int) -> Counts:
         result = self._orders.submit(Order(tickets, kind="restock"))
@@ -218,21 +205,6 @@ class SqliteStore:
             if not self._live:
                 return counts
             return Counts(counts.total, counts.sold, self._live.held(self._clock()))
-
-    def hold(self, quantity: int, ttl: float, key: str | None = None) -> Hold:
-        result = self._orders.submit(Order(quantity, key, "hold", new_hold_id(), ttl))
-        assert isinstance(result, Hold)
-        return result
-
-    def confirm(self, hold_id: str) -> Sale:
-        result = self._orders.submit(Order(0, None, "confirm", hold_id))
-        assert isinstance(result, Sale)
-        return result
-
-    def release(self, hold_id: str) -> Hold:
-        result = self._orders.submit(Order(0, None, "release", hold_id))
-        assert isinstance(result, Hold)
-        return result
 
     def get_hold(self, hold_id: str) -> Hold | None:
         row = self._read("SELECT quantity, expires_at, state, first_serial FROM holds "
