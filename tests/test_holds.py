@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import psycopg
 import pytest
 
 from app.inventory import (
@@ -335,3 +336,62 @@ def test_a_confirm_and_a_release_at_once_have_one_outcome(make_store: Stores) ->
     assert counts.held == 0
     assert counts.sold == sum("confirmed" in record.told[hold_id] for hold_id in holds)
     assert sorted(record.serials) == list(range(1, counts.sold + 1))
+
+
+@pytest.mark.parametrize("store_kind", ["postgres"])
+def test_two_instances_hold_on_one_and_confirm_on_the_other(make_store: Stores) -> None:
+    one = make_store(10)
+    skewed = FakeClock(time.time() + 3600)  # an hour ahead: expiry is the database's
+    other = make_store(10, clock=skewed)
+    hold = one.hold(3, 600)
+    assert other.get_hold(hold.id) == hold
+    held_elsewhere = other.hold(2, 600)
+    assert one.counts() == other.counts()
+    assert (one.counts().held, one.counts().remaining) == (5, 5)
+    sale = other.confirm(hold.id)
+    assert list(sale.serials) == [1, 2, 3] and not sale.replayed
+    assert list(one.confirm(hold.id).serials) == [1, 2, 3]  # a replay, on the first
+    assert one.get_hold(hold.id).state == "confirmed"  # type: ignore[union-attr]
+    assert list(one.confirm(held_elsewhere.id).serials) == [4, 5]
+    counts = other.counts()
+    assert (counts.sold, counts.held, counts.remaining) == (5, 0, 5)
+
+
+@pytest.mark.parametrize("store_kind", ["postgres"])
+def test_two_instances_confirm_and_release_at_once(make_store: Stores) -> None:
+    stores = [make_store(100), make_store(100)]
+    holds = [stores[i % 2].hold(1, 3600).id for i in range(30)]
+    record = Record(holds=dict.fromkeys(holds, 1), told={hold_id: [] for hold_id in holds})
+    barrier = threading.Barrier(2)
+
+    def racer(index: int) -> None:
+        barrier.wait()
+        for hold_id in holds:
+            settle(stores[index], record, hold_id, "confirm" if index == 0 else "release")
+
+    run_threads(racer, 2)
+    for hold_id in holds:
+        told = record.told[hold_id]
+        assert Counter(o for o in told if o in ("confirmed", "released")).total() == 1, told
+        state = stores[1].get_hold(hold_id).state  # type: ignore[union-attr]
+        assert state == ("confirmed" if "confirmed" in told else "released")
+    confirmed = sum("confirmed" in record.told[hold_id] for hold_id in holds)
+    for store in stores:
+        counts = store.counts()
+        assert (counts.sold, counts.held) == (confirmed, 0)
+    assert sorted(record.serials) == list(range(1, confirmed + 1))
+
+
+@pytest.mark.parametrize("store_kind", ["postgres"])
+def test_each_expiry_is_cleaned_up_once_across_instances(make_store: Stores) -> None:
+    stores = [make_store(100), make_store(100)]
+    holds = [stores[i % 2].hold(2, SHORT_TTL) for i in range(20)]
+    wait_for(lambda: sum(store.holds_expired() for store in stores) >= len(holds))
+    with psycopg.connect(make_store.url) as conn:  # nothing is left to count again
+        row = conn.execute("SELECT count(*) FROM holds WHERE state = 'held'").fetchone()
+        assert row is not None and row[0] == 0
+    assert sum(store.holds_expired() for store in stores) == len(holds)
+    assert all(stores[0].get_hold(hold.id).state == "expired"  # type: ignore[union-attr]
+               for hold in holds)
+    counts = stores[1].counts()
+    assert (counts.held, counts.remaining) == (0, 100)

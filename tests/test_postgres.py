@@ -287,6 +287,46 @@ def test_instances_sell_the_stock_once_under_ticketbooth_load(
             assert requests.get(f"{instance_url}/tickets/{stock}", timeout=10).status_code == 200
 
 
+def test_holds_over_two_service_processes(postgres_server: PostgresServer,
+                                          tmp_path: Path) -> None:
+    """A hold made on one process is confirmed on the other; a confirm on one and a
+    release on the other, sent at once, have one outcome."""
+    url = postgres_server.new_database()
+    with ExitStack() as stack:
+        one, other = (stack.enter_context(service(url, tmp_path / f"booth-{i}.log",
+                                                  "--tickets", "50")).url
+                      for i in range(2))
+        hold = requests.post(f"{one}/holds", json={"quantity": 3}, timeout=10).json()
+        confirmed = requests.post(f"{other}/holds/{hold['id']}/confirm", timeout=10)
+        assert confirmed.status_code == 200
+        assert confirmed.json()["tickets"] == [{"serial": s} for s in (1, 2, 3)]
+        shown = requests.get(f"{one}/holds/{hold['id']}", timeout=10).json()
+        assert shown["state"] == "confirmed" and shown["tickets"] == confirmed.json()["tickets"]
+
+        raced = [requests.post(f"{one}/holds", json={"quantity": 1}, timeout=10).json()["id"]
+                 for _ in range(10)]
+        answers: dict[str, list[int]] = {hold_id: [] for hold_id in raced}
+        barrier = threading.Barrier(2)
+
+        def settle(index: int) -> None:
+            barrier.wait()
+            with requests.Session() as session:
+                for hold_id in raced:
+                    if index == 0:
+                        answer = session.post(f"{one}/holds/{hold_id}/confirm", timeout=10)
+                    else:
+                        answer = session.delete(f"{other}/holds/{hold_id}", timeout=10)
+                    answers[hold_id].append(answer.status_code)
+
+        run_threads(settle, 2)
+        for hold_id, statuses in answers.items():  # one wins; the other is told why not
+            assert sorted(statuses) in ([200, 409], [204, 409]), (hold_id, statuses)
+        won = sum(200 in statuses for statuses in answers.values())
+        for instance in (one, other):
+            assert requests.get(f"{instance}/remaining", timeout=10).json() == {
+                "remaining": 50 - 3 - won, "sold": 3 + won, "held": 0, "total": 50}
+
+
 def test_mixed_quantities_over_two_instances_sell_every_serial_once(
         postgres_server: PostgresServer, tmp_path: Path) -> None:
     """Round-robin per request, 1 to 4 tickets each, down to the last ticket: all or nothing
