@@ -3,8 +3,11 @@
 #   docker build -t ticketbooth .        (or: podman build --format docker -t ticketbooth .)
 #   docker run -p 8000:8000 -v tickets:/data ticketbooth
 #
-# Stage 1 builds a wheel of the project and of everything it depends on, the PostgreSQL store's
-# driver included; stage 2 installs only those wheels on a fresh slim Python, with no build tools.
+# Stage 1 fetches a wheel of every dependency in requirements/run.txt, the lock file, each
+# checked against its hash there, and builds ticketbooth's own wheel with the locked
+# setuptools; stage 2 installs only those wheels on a fresh slim Python, with no build tools:
+# the service, the PostgreSQL store's driver and the load generator, at the versions the
+# suite passed with.
 
 FROM python:3.11-slim AS builder
 
@@ -13,10 +16,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 WORKDIR /src
+COPY requirements/run.txt /wheels/requirements.txt
+RUN pip wheel --wheel-dir /wheels --require-hashes -r /wheels/requirements.txt \
+    && pip install --no-index --find-links=/wheels --require-hashes -r /wheels/requirements.txt
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY loadtest ./loadtest
-RUN pip wheel --wheel-dir /wheels '.[postgres]'
+RUN pip wheel --wheel-dir /wheels --no-deps --no-build-isolation .
 
 
 FROM python:3.11-slim
@@ -30,9 +36,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # Only the wheels cross over: no compiler, no source tree, no pip cache.
 # (Not RUN --mount=from=builder: podman's buildah 1.28 reuses that step's cache even when
 # the builder's wheels changed, so a rebuild could ship stale code.)
-# /wheels holds exactly ticketbooth[postgres] and what it needs: install them all.
+# The locked dependencies, their hashes checked again, then the project alone.
 COPY --from=builder /wheels /wheels
-RUN pip install --no-index --find-links=/wheels /wheels/*.whl \
+RUN pip install --no-index --find-links=/wheels --require-hashes -r /wheels/requirements.txt \
+    && pip install --no-index --no-deps /wheels/ticketbooth-*.whl \
     && rm -rf /wheels
 
 # The volume's folder must exist and belong to the service's user before VOLUME,

@@ -12,19 +12,58 @@ RUN_STORE := $(or $(TICKETBOOTH_STORE),sqlite:///data/tickets.db)
 PG_INITDB_GLOB ?= /usr/lib/postgresql/*/bin/initdb
 
 .PHONY: run test lint typecheck clean demo postgres-server browser-deps container-deps \
-	container-test wrk bench
+	container-test wrk bench lock floors
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Stamps record what is installed; they are redone when pyproject.toml changes.
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[load]'
+# Every dependency comes from a lock file with hashes (make lock): requirements/run.txt for
+# the service and the load generator (what the image has), requirements/dev.txt for all that
+# plus matplotlib and the test and dev tools. pip checks every hash; the project then goes in
+# alone (--no-deps), built with the locked setuptools. Stamps record what is installed, so a
+# second make run or make test installs nothing; they are redone when a lock or
+# pyproject.toml changes.
+LOCK_RUN := requirements/run.txt
+LOCK_DEV := requirements/dev.txt
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+$(VENV)/.installed-run: $(LOCK_RUN) pyproject.toml | $(BIN)/python
+	$(PIP_INSTALL) --require-hashes -r $(LOCK_RUN)
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[load,test,dev]'
+$(VENV)/.installed-test: $(LOCK_DEV) pyproject.toml | $(BIN)/python
+	$(PIP_INSTALL) --require-hashes -r $(LOCK_DEV)
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $@ $(VENV)/.installed-run
+
+# Refreshes the lock files from pyproject.toml with pip-tools, keeping every pin that still
+# fits; make lock LOCK_ARGS=--upgrade (or --upgrade-package NAME) moves pins too. run.txt is
+# compiled from dev.txt's pins, so the two agree. tests/test_lock.py fails when
+# pyproject.toml and the locks disagree.
+LOCK_ARGS ?=
+PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
+	--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links --all-build-deps
+lock: $(VENV)/.installed-test
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra postgres --extra plot --extra test --extra dev \
+		--output-file $(LOCK_DEV) pyproject.toml
+	cp $(LOCK_DEV) $(LOCK_RUN)
+	$(PIP_COMPILE) --extra postgres --output-file $(LOCK_RUN) pyproject.toml
+
+# The lowest versions pyproject.toml allows (requirements/floors.txt), in a venv of their own:
+# the server's and the load generator's tests must pass there too. Not part of make test
+# (it installs a second set of packages); run it after changing a floor or an internal use.
+FLOORS_VENV := .venv-floors
+FLOORS_TESTS := tests/loadtest tests/test_internals.py tests/test_api.py \
+	tests/test_concurrency.py tests/test_stores.py tests/test_postgres.py tests/test_shutdown.py
+floors: postgres-server
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --quiet -c requirements/floors.txt \
+		-r requirements/floors.txt pytest pytest-timeout
+	$(FLOORS_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	@# --plot needs the plot extra, which the floors leave out.
+	$(FLOORS_VENV)/bin/python -m pytest -p no:cacheprovider $(FLOORS_TESTS) \
+		--deselect tests/loadtest/test_load_run.py::test_duration_and_plot
 
 run: $(VENV)/.installed-run
 	TICKETBOOTH_STORE='$(RUN_STORE)' $(BIN)/ticketbooth serve $(ARGS)
@@ -79,7 +118,7 @@ demo: $(VENV)/.installed-run
 # bench-results/.
 # Extra flags in BENCH_ARGS, e.g. make bench BENCH_ARGS="--only memory sqlite --repeat 5".
 BENCH_ARGS ?=
-bench: $(VENV)/.installed-run wrk postgres-server
+bench: $(VENV)/.installed-test wrk postgres-server
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
@@ -89,4 +128,4 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy app loadtest bench
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(FLOORS_VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

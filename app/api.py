@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from importlib import resources
 
 from flask import Flask, Response
@@ -34,13 +36,15 @@ def describe_openapi(openapi: str, settings: Settings) -> bytes:
     return json.dumps(document).encode()
 
 
-def create_app(settings: Settings, store: Store) -> Flask:
-    """Build the WSGI app around an open store. Nothing global: tests build their own."""
+def create_app(settings: Settings, store: Store,
+               clock: Callable[[], float] = time.time) -> Flask:
+    """Build the WSGI app around an open store. Nothing global: tests build their own
+    (with a clock of their own for the sales figures, if they like)."""
     app = Flask(__name__, static_folder=None)
     package = resources.files("app")
     status_page = package.joinpath("static/status.html").read_bytes()
     openapi = describe_openapi(package.joinpath("openapi.json").read_text(), settings)
-    telemetry = Telemetry(store, settings.access_log, settings.log_level)
+    telemetry = Telemetry(store, settings.access_log, settings.log_level, clock)
     booth = Booth(store, settings.max_per_request, hold_ttl=settings.hold_ttl,
                   max_hold_ttl=settings.max_hold_ttl)
     # Outermost first: telemetry times everything; the hot path answers /buy and /remaining;

@@ -46,7 +46,9 @@ def _serve(settings: Settings) -> int:
     try:
         server = Server(settings, create_app(settings, store))
         server.install_signal_handlers()
-        print(f"ticketbooth listening on {server.url}", flush=True)
+        # One line per address; the first keeps its format, for scripts that read it.
+        for url in server.urls:
+            print(f"ticketbooth listening on {url}", flush=True)
         server.serve()
     finally:
         store.close()

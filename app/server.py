@@ -18,9 +18,11 @@ from typing import Any
 
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
-from waitress.server import create_server
+from waitress.server import BaseWSGIServer, create_server
 from waitress.task import WSGITask
 
+from app.errors import json_bytes
+from app.listening import bind_listeners
 from app.parking import ENVIRON_KEY, PARK_EXTENSION, WITHDRAW_EXTENSION, Parking
 from app.settings import Settings
 
@@ -31,6 +33,68 @@ log = logging.getLogger("ticketbooth")
 # How long one turn of the event loop may wait for activity: also how quickly a stop
 # requested from a signal handler is noticed.
 _POLL_S = 0.1
+# How often connections are looked over for requests past --request-timeout.
+_SWEEP_S = 0.25
+# Connections past --max-connections-per-client that one address may have waiting for their
+# 429 answer at once; any more are closed unanswered, so that refusals cannot fill the
+# server either.
+_REFUSALS_PER_CLIENT = 8
+
+
+class ClientSlots:
+    """How many connections each client address holds, against a per-address limit.
+
+    ``take`` says what to do with a new connection: serve it, answer it 429 (a few per
+    address at a time, so a client that opened too many learns why) or close it at once.
+    """
+
+    SERVE, REFUSE, DROP = "serve", "refuse", "drop"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: no limit
+        self._lock = threading.Lock()  # connections open on the event loop; close anywhere
+        self._held: dict[str, int] = {}
+        self._refusing: dict[str, int] = {}
+
+    def take(self, address: str) -> str:
+        with self._lock:
+            held = self._held.get(address, 0)
+            if not self.limit or held < self.limit:
+                self._held[address] = held + 1
+                return self.SERVE
+            refusing = self._refusing.get(address, 0)
+            if refusing < _REFUSALS_PER_CLIENT:
+                self._refusing[address] = refusing + 1
+                return self.REFUSE
+            return self.DROP
+
+    def give_back(self, address: str, taken: str) -> None:
+        counts = {self.SERVE: self._held, self.REFUSE: self._refusing}.get(taken)
+        if counts is None:
+            return
+        with self._lock:
+            left = counts[address] - 1
+            if left:
+                counts[address] = left
+            else:
+                del counts[address]
+
+
+def _too_many_connections(limit: int) -> bytes:
+    body = json_bytes({"error": "too_many_connections",
+                       "message": f"this client address already holds {limit} connections, "
+                                  "the most allowed (--max-connections-per-client)"})
+    return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+def _request_timeout(seconds: float) -> bytes:
+    body = json_bytes({"error": "request_timeout",
+                       "message": f"the request did not arrive whole within {seconds:g} s "
+                                  "(--request-timeout)"})
+    return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
 class _Task(WSGITask):
@@ -56,6 +120,81 @@ class _Channel(HTTPChannel):
     """
 
     task_class = _Task
+    # Which ClientSlots answer this connection had, and when the request now arriving
+    # began (its first byte): the sweep closes it once --request-timeout has passed.
+    ticketbooth_slot: str | None = None
+    ticketbooth_first_byte: float | None = None
+    # waitress's own attributes that this class sets (it has no type hints).
+    request: Any
+    will_close: bool
+    close_when_flushed: bool
+
+    def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+        super().__init__(server, sock, addr, adj, map)
+        self.ticketbooth_opened = time.monotonic()
+        self.ticketbooth_slot = server.ticketbooth_slots.take(addr[0])
+        if self.ticketbooth_slot == ClientSlots.DROP:
+            self.handle_close()
+
+    def del_channel(self, map: Any = None) -> None:
+        # waitress calls this once the connection is out of the socket map; give its slot
+        # back once, however it was closed.
+        super().del_channel(map)
+        if self.ticketbooth_slot is not None:
+            self.server.ticketbooth_slots.give_back(self.addr[0], self.ticketbooth_slot)
+            self.ticketbooth_slot = None
+
+    def received(self, data: bytes) -> bool:
+        if self.ticketbooth_slot == ClientSlots.REFUSE:
+            # Past --max-connections-per-client: what was sent is read (so that closing
+            # does not reset the connection under the answer) and answered 429, once.
+            if data and not (self.close_when_flushed or self.will_close):
+                self.write_soon(_too_many_connections(self.server.ticketbooth_slots.limit))
+                self.close_when_flushed = True
+            return True
+        handled: bool = super().received(data)
+        # waitress keeps the request still arriving in self.request (None between requests).
+        if self.request is None:
+            self.ticketbooth_first_byte = None
+        elif self.ticketbooth_first_byte is None:
+            self.ticketbooth_first_byte = time.monotonic()
+        return handled
+
+    def expire_slow_request(self, now: float, timeout: float) -> None:
+        """Close the connection when its request has taken more than ``timeout`` to arrive.
+
+        Called on the event loop's thread. A request line read gets a 408 answer first;
+        a connection refused past the per-client limit that never sent its request is
+        closed too.
+        """
+        if self.will_close or self.close_when_flushed:
+            return
+        if self.ticketbooth_slot == ClientSlots.REFUSE:
+            if now - self.ticketbooth_opened >= timeout:
+                self.will_close = True
+            return
+        started = self.ticketbooth_first_byte
+        # While a request is served or an answer is still going out, the next request waits
+        # its turn (and writing here could wait for this very thread to flush).
+        if started is None or now - started < timeout or self.total_outbufs_len:
+            return
+        with self.requests_lock:
+            if self.requests:
+                return
+            request = self.request
+            # waitress's parser holds the header bytes so far in header_plus, and has a
+            # body_rcv once the headers are done.
+            line_read = request is not None and (request.body_rcv is not None
+                                                 or b"\n" in request.header_plus.lstrip())
+            if request is not None:
+                request.close()  # its body buffer, if it had one
+            self.request = None
+            self.ticketbooth_first_byte = None
+            if line_read:
+                self.write_soon(_request_timeout(timeout))
+                self.close_when_flushed = True
+            else:
+                self.will_close = True
 
     def park_first(self) -> bool:
         """Offer the first request in line to the app's parking hook; True when it is parked.
@@ -105,11 +244,14 @@ class Server:
         self.settings = settings
         self._map: dict[int, Any] = {}
         self._stopping = threading.Event()
+        self._next_sweep = 0.0
+        # Bound here (app.listening), so that every address of --host is listened on and a
+        # bad host or port is one clear error; waitress serves the sockets it is given.
+        sockets = bind_listeners(settings.host, settings.port)
         self._server = create_server(
             app,
             map=self._map,
-            host=settings.host,
-            port=settings.port,
+            sockets=sockets,
             threads=settings.threads,
             ident="ticketbooth",
             connection_limit=settings.connection_limit,
@@ -122,13 +264,23 @@ class Server:
             clear_untrusted_proxy_headers=True,
         )
 
-        self._server.channel_class = _Channel
-        extensions = getattr(app, "extensions", {})
-        self._withdraw: Callable[[], int] | None = extensions.get(WITHDRAW_EXTENSION)
+        # With several sockets waitress makes one server object per socket, and returns a
+        # MultiSocketServer over them, which has no channel class or hooks of its own: the
+        # per-socket servers are found in the socket map they share, and each gets them.
+        self._listeners = [item for item in self._map.values()
+                           if isinstance(item, BaseWSGIServer)]
+        slots = ClientSlots(settings.per_client_limit)
+        for listener in self._listeners:
+            listener.channel_class = _Channel
+            listener.ticketbooth_slots = slots
         # The app's parking hook (app.parking), when its store defers sales. A request that
         # can be parked is parked where waitress would queue it for a worker, so it costs
         # no worker a turn until its outcome is known.
-        park = self._server.ticketbooth_park = extensions.get(PARK_EXTENSION)
+        extensions = getattr(app, "extensions", {})
+        self._withdraw: Callable[[], int] | None = extensions.get(WITHDRAW_EXTENSION)
+        park = extensions.get(PARK_EXTENSION)
+        for listener in self._listeners:
+            listener.ticketbooth_park = park
         if park is not None:
             dispatcher = self._server.task_dispatcher
 
@@ -136,18 +288,27 @@ class Server:
                 if not (isinstance(task, _Channel) and task.park_first()):
                     dispatcher.add_task(task)
 
-            self._server.add_task = add_task
+            for listener in self._listeners:
+                listener.add_task = add_task
+
+    @property
+    def urls(self) -> list[str]:
+        """One URL per listening address; IPv4 first."""
+        urls = []
+        for listener in self._listeners:
+            host = listener.effective_host
+            if ":" in host:
+                host = f"[{host}]"
+            urls.append(f"http://{host}:{listener.effective_port}")
+        return urls
 
     @property
     def url(self) -> str:
-        host = self._server.effective_host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self._server.effective_port}"
+        return self.urls[0]
 
     @property
     def port(self) -> int:
-        return int(self._server.effective_port)
+        return int(self._listeners[0].effective_port)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT request a graceful stop (main thread only)."""
@@ -166,7 +327,19 @@ class Server:
         """Serve until asked to stop, then drain and close. Returns when fully closed."""
         while not self._stopping.is_set():
             wasyncore.loop(timeout=_POLL_S, use_poll=True, map=self._map, count=1)
+            self._sweep()
         self._drain(time.monotonic() + self.settings.shutdown_timeout)
+
+    def _sweep(self) -> None:
+        """Close connections whose request takes longer than --request-timeout to arrive."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_S
+        timeout = self.settings.request_timeout
+        for channel in list(self._map.values()):
+            if isinstance(channel, _Channel):
+                channel.expire_slow_request(now, timeout)
 
     def _drain(self, deadline: float) -> None:
         """Stop accepting, let in-flight requests finish, then stop the workers.
@@ -177,7 +350,9 @@ class Server:
         The store tells every order its outcome within ``--order-timeout``, which bounds
         that wait.
         """
-        wasyncore.dispatcher.close(self._server)  # the listening socket; keep the channels
+        # Stop accepting: close the listening sockets, keep the triggers and the channels.
+        for listener in self._listeners:
+            wasyncore.dispatcher.close(listener)
         busy = self._settle(deadline, self._in_flight)
         if busy:
             log.warning("shutdown grace period over with %d request(s) in flight", busy)
@@ -189,7 +364,8 @@ class Server:
         # Let the closes we asked for happen, then stop the worker threads.
         wasyncore.loop(timeout=0.01, use_poll=True, map=self._map, count=2)
         self._server.task_dispatcher.shutdown(timeout=max(1.0, deadline - time.monotonic()))
-        self._server.trigger.close()
+        for listener in self._listeners:  # each has a trigger of its own
+            listener.trigger.close()
         wasyncore.close_all(self._map)
 
     def _settle(self, deadline: float, busy: Callable[[], int]) -> int:

@@ -30,16 +30,18 @@ class SettingsError(ValueError):
 
 def _setting(default: Any, help: str, *, minimum: float | None = None,
              maximum: float | None = None, choices: tuple[str, ...] = (),
-             secret: bool = False) -> Any:
+             secret: bool = False, shown_default: str = "") -> Any:
     return field(default=default, metadata={
         "help": help, "minimum": minimum, "maximum": maximum, "choices": choices,
-        "secret": secret,
+        "secret": secret, "shown_default": shown_default,
     })
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Settings:
-    host: str = _setting("127.0.0.1", "Interface to listen on (0.0.0.0 for every interface).")
+    host: str = _setting("127.0.0.1", "Interface to listen on (0.0.0.0 for every IPv4 "
+                         "interface): an address, or a name, listened on at every address it "
+                         "resolves to; several separated by commas (127.0.0.1,::1).")
     port: int = _setting(8000, "TCP port to listen on; 0 picks a free port.",
                          minimum=0, maximum=65535)
     threads: int = _setting(4, "Worker threads in waitress's pool.", minimum=1, maximum=1024)
@@ -80,6 +82,16 @@ class Settings:
                                      minimum=1, maximum=100_000)
     channel_timeout: int = _setting(30, "Seconds an idle connection is kept open before it is "
                                     "closed.", minimum=1, maximum=86400)
+    request_timeout: float = _setting(10.0, "Seconds a request (its headers and its body) may "
+                                      "take to arrive, counted from its first byte, whatever "
+                                      "trickles in meanwhile; then the connection is closed "
+                                      "(with a 408 once a request line was read).",
+                                      minimum=0.1, maximum=3600)
+    max_connections_per_client: int = _setting(
+        -1, "Most connections one client address may hold at once; past it a connection "
+        "is answered 429 and closed. 0 turns the limit off (behind a reverse proxy every "
+        "client has the proxy's address).", minimum=0, maximum=100_000,
+        shown_default="half of --connection-limit")
     admin_token: str = _setting("", "Bearer token for /admin/*; empty means the admin "
                                 "endpoints do not exist. Prefer the environment variable: "
                                 "a flag shows in the process list.", secret=True)
@@ -107,6 +119,13 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def per_client_limit(self) -> int:
+        """--max-connections-per-client with its default worked out; 0 means no limit."""
+        if self.max_connections_per_client < 0:  # the default: half, so no one takes all
+            return max(1, self.connection_limit // 2)
+        return self.max_connections_per_client
 
 
 def _fields() -> Iterator[dataclasses.Field[Any]]:
@@ -158,10 +177,16 @@ def _convert(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
     return value
 
 
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    if f.metadata["secret"]:
+        return "(unset)"
+    return f.metadata["shown_default"] or repr(f.default)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per setting; absent flags stay ``None`` so the environment shows."""
     for f in _fields():
-        default = "unset" if f.metadata["secret"] else repr(f.default)
+        default = "unset" if f.metadata["secret"] else _shown_default(f)
         help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {default}]"
         if f.type == "bool":
             parser.add_argument(flag_name(f.name), dest=f.name, action="store_const",
@@ -186,6 +211,5 @@ def load(args: argparse.Namespace | Mapping[str, Any], environ: Mapping[str, str
 
 def describe() -> Sequence[tuple[str, str, str, str]]:
     """(flag, environment variable, default, help) per setting, for docs and tests."""
-    return [(flag_name(f.name), env_name(f.name),
-             "(unset)" if f.metadata["secret"] else repr(f.default), f.metadata["help"])
+    return [(flag_name(f.name), env_name(f.name), _shown_default(f), f.metadata["help"])
             for f in _fields()]

@@ -7,6 +7,7 @@ Each app has its own metrics registry, so several apps (tests, say) never share 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -20,11 +21,13 @@ from prometheus_client.registry import Collector
 from app.inventory import Store
 from app.parking import ENVIRON_KEY
 
-__all__ = ["SalesRate", "Telemetry", "TelemetryMiddleware", "endpoint_of"]
+__all__ = ["AccessLog", "SalesRate", "Telemetry", "TelemetryMiddleware", "endpoint_of"]
 
 # The access log writes its lines straight to stderr: one os.write per line, which is
 # atomic for lines this short, needs no lock, and costs a fraction of a logging record.
 _STDERR = 2
+
+log = logging.getLogger("ticketbooth")
 
 # Known paths -> the endpoint label; anything else is "other" (keeps label values bounded).
 _ENDPOINTS = {path: path for path in (
@@ -99,9 +102,43 @@ class _StockCollector(Collector):
         yield holds
 
 
+class AccessLog:
+    """Access lines written to a file descriptor, one ``os.write`` each.
+
+    A line that cannot be written (the reader of stderr went away, say) is dropped and
+    counted, never raised into the request it describes: its answer stands. The first line
+    written once writing works again is one saying how many were dropped.
+    """
+
+    def __init__(self, fd: int, dropped: Counter) -> None:
+        self._fd = fd
+        self._dropped = dropped
+        self._lock = threading.Lock()
+        self._unreported = 0  # dropped lines not yet owned up to in the log
+
+    def write(self, line: str) -> None:
+        try:
+            if self._unreported:
+                self._report_dropped()
+            os.write(self._fd, f"{line}\n".encode())
+        except OSError:
+            self._dropped.inc()
+            with self._lock:
+                self._unreported += 1
+
+    def _report_dropped(self) -> None:
+        with self._lock:
+            dropped = self._unreported
+            if not dropped:
+                return
+            os.write(self._fd, f"ticketbooth: {dropped} access log lines could not be "
+                               "written and were dropped\n".encode())
+            self._unreported -= dropped
+
+
 class Telemetry:
     def __init__(self, store: Store, access_format: str = "plain", log_level: str = "info",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, log_fd: int = _STDERR) -> None:
         # Access lines are info-level: a higher --log-level hides them as well.
         self.access_format = access_format if log_level in ("debug", "info") else "off"
         self.started_at = clock()
@@ -120,6 +157,10 @@ class Telemetry:
         self.duration = Histogram("ticketbooth_http_request_duration_seconds",
                                   "Time to answer an HTTP request.", ["endpoint"],
                                   buckets=_DURATION_BUCKETS, registry=self.registry)
+        self.log_lines_dropped = Counter("ticketbooth_log_lines_dropped",
+                                         "Access log lines dropped because they could not be "
+                                         "written.", registry=self.registry)
+        self.access_log = AccessLog(log_fd, self.log_lines_dropped)
         self._store = store
         self._holds = dict.fromkeys(HOLD_OUTCOMES[:-1], 0)
         self._holds_lock = threading.Lock()
@@ -133,8 +174,12 @@ class Telemetry:
         return int(self.registry.get_sample_value(sample) or 0)
 
     def sold(self, tickets: int) -> None:
-        self.tickets_sold.inc(tickets)
-        self.sales_rate.add(tickets)
+        # Called once the sale is committed: nothing here may turn its answer into an error.
+        try:
+            self.tickets_sold.inc(tickets)
+            self.sales_rate.add(tickets)
+        except Exception:
+            log.exception("counting a sale of %d tickets failed", tickets)
 
     def held(self, outcome: str) -> None:
         """Count a hold created, confirmed or released here."""
@@ -179,7 +224,7 @@ class Telemetry:
         else:
             line = (f'{remote} "{method} {path}" {code} {seconds * 1000:.2f}ms'
                     f"{' replayed' if replayed else ''}")
-        os.write(_STDERR, f"{line}\n".encode())
+        self.access_log.write(line)
 
 
 class TelemetryMiddleware:
@@ -202,9 +247,15 @@ class TelemetryMiddleware:
 
         body = self.app(environ, capture)  # Flask has called start_response by now
         status, headers = answer[-2], answer[-1]
-        replayed = any(name == "Idempotent-Replayed" for name, _ in headers)
-        self.telemetry.observe(environ.get("REQUEST_METHOD", "?"), environ.get("PATH_INFO", ""),
-                               environ.get("QUERY_STRING", ""), status,
-                               time.perf_counter() - started, replayed,
-                               environ.get("REMOTE_ADDR", "-"))
+        # The answer is decided (a sale may be committed): observing it must not change it.
+        try:
+            replayed = any(name == "Idempotent-Replayed" for name, _ in headers)
+            self.telemetry.observe(environ.get("REQUEST_METHOD", "?"),
+                                   environ.get("PATH_INFO", ""),
+                                   environ.get("QUERY_STRING", ""), status,
+                                   time.perf_counter() - started, replayed,
+                                   environ.get("REMOTE_ADDR", "-"))
+        except Exception:
+            log.exception("recording %s %s failed", environ.get("REQUEST_METHOD"),
+                          environ.get("PATH_INFO"))
         return body

@@ -9,10 +9,11 @@ cannot be spawned), 3 a threshold was breached, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from typing import IO
@@ -32,7 +33,16 @@ from loadtest.compare import run_compare
 from loadtest.csvout import CsvStream, NewEntries
 from loadtest.html_report import write_html
 from loadtest.processes import run_load_processes
-from loadtest.report import Progress, Report, format_text, to_json, verdict, write_plot
+from loadtest.report import (
+    PER_CLIENT_HINT,
+    Progress,
+    Report,
+    format_text,
+    hints,
+    to_json,
+    verdict,
+    write_plot,
+)
 from loadtest.spawn import SpawnError, spawned_service
 from loadtest.stages import Schedule, Stage, parse_stages
 from loadtest.stats import BoothStats, latency_summary, merge
@@ -47,6 +57,9 @@ EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_THRESHOLD = 3
 EXIT_INTERRUPTED = 130
+
+#: Options that need an optional extra: option -> (the module it imports, the extra).
+NEEDS_EXTRA = {"plot": ("matplotlib", "plot")}
 
 #: Seconds allowed for each request that reads the service's state before and after the run.
 PROBE_TIMEOUT = 5.0
@@ -208,6 +221,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def missing_extra(args: argparse.Namespace,
+                  installed: Callable[[str], bool] | None = None) -> str | None:
+    """One line naming the extra to install when an option given needs one that is missing."""
+    installed = installed or (lambda module: importlib.util.find_spec(module) is not None)
+    for option, (module, extra) in NEEDS_EXTRA.items():
+        if getattr(args, option) and not installed(module):
+            return (f"--{option} needs {module}, which is not installed: "
+                    f"pip install 'ticketbooth[{extra}]'")
+    return None
+
+
 def _get_json(url: str) -> dict[str, object]:
     try:
         response = requests.get(url, timeout=PROBE_TIMEOUT)
@@ -217,6 +241,8 @@ def _get_json(url: str) -> dict[str, object]:
                   "timeout": f"no answer within {PROBE_TIMEOUT:g} s",
                   "reset": "the connection was reset"}.get(kind, str(exc))
         raise ServiceError(f"cannot reach the service at {url}: {reason}") from None
+    if response.status_code == 429:
+        raise ServiceError(f"GET {url} was refused, HTTP 429: {PER_CLIENT_HINT}")
     if response.status_code != 200:
         raise ServiceError(f"unexpected answer from GET {url}: HTTP {response.status_code}")
     try:
@@ -322,7 +348,7 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
 
     if args.quiet:
         fails = [f"  FAIL  {c.name}: {c.detail}" for c in checks if not c.passed]
-        print("\n".join([*fails, verdict(report)]), file=out)
+        print("\n".join([*fails, *hints(stats.status_counts), verdict(report)]), file=out)
     else:
         print(format_text(report), file=out)
     if fault_error:
@@ -357,6 +383,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    missing = missing_extra(args)
+    if missing:  # said before the run, not after it
+        print(f"{PROG}: error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
     out = sys.stderr if args.json_path == "-" else sys.stdout
     try:
         with ExitStack() as stack:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any
@@ -145,6 +145,7 @@ def format_text(report: Report) -> str:
         f" {st.unknown_tickets} tickets unknown)",
         *stage_lines(report.stages, report.lateness),
         *(report.faults.lines() if report.faults else []),
+        *hints(st.status_counts),
         "",
         f"/remaining  before: {_snap(report.before)}",
         f"            after:  {_snap(report.after)}",
@@ -162,6 +163,21 @@ def format_text(report: Report) -> str:
             lines.append(f"  {'PASS' if t.passed else 'FAIL'}  {t.name}: {shown} {sign} {limit}")
     lines += ["", verdict(report)]
     return "\n".join(lines)
+
+
+#: What a 429 from the service means for a load test, and the setting to change.
+PER_CLIENT_HINT = ("the service caps connections per client address, and every booth of this "
+                   "run connects from this one: start the service with "
+                   "--max-connections-per-client 0 (TICKETBOOTH_MAX_CONNECTIONS_PER_CLIENT=0) "
+                   "or above --booths, or run fewer booths")
+
+
+def hints(status_counts: Mapping[int, int]) -> list[str]:
+    """What to change when the answers say the service refused the run, not the sale."""
+    refused = status_counts.get(429, 0)
+    if not refused:
+        return []
+    return [f"hint        {refused} answers were 429 too_many_connections: {PER_CLIENT_HINT}"]
 
 
 def verdict(report: Report) -> str:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import requests
@@ -20,6 +21,7 @@ from app.inventory import Store
 from app.server import Server
 from app.settings import Settings, describe
 from app.stores import open_store
+from loadtest.spawn import ServiceProcess, running_service, service_command
 from tests.support.pg import PostgresServer, PostgresUnavailable
 
 # Every backend the shared store suite runs against.
@@ -130,17 +132,60 @@ def make_store(store_kind: str, tmp_path: Path,
     stores.close_all()
 
 
+class Threads:
+    """``target(i)`` (or ``target()``) in ``count`` threads, started at once.
+
+    What a thread raises (a failed assertion, say) is kept, and :meth:`join` raises the
+    first of them in the test itself, so that it fails the test (never only a warning).
+    """
+
+    def __init__(self, target: Callable[..., Any], count: int, *, indexed: bool = True
+                 ) -> None:
+        self.failures: list[BaseException] = []
+
+        def run(*args: Any) -> None:
+            try:
+                target(*args)
+            except BaseException as error:  # handed to the test in join()
+                self.failures.append(error)
+
+        self._threads = [threading.Thread(target=run, args=(i,) if indexed else ())
+                         for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self._threads), "threads did not finish in time"
+        if self.failures:
+            raise AssertionError(f"{len(self.failures)} of {len(self._threads)} threads "
+                                 f"failed; the first: {self.failures[0]!r}"
+                                 ) from self.failures[0]
+
+
 def run_threads(target: Callable[..., Any], count: int, *, indexed: bool = True,
                 timeout: float = 120.0) -> None:
-    """Run ``target(i)`` (or ``target()``) in ``count`` threads at once; all must finish."""
-    threads = [threading.Thread(target=target, args=(i,) if indexed else ())
-               for i in range(count)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in threads), "threads did not finish in time"
+    """Run ``target(i)`` (or ``target()``) in ``count`` threads at once; all must finish,
+    and what any of them raised fails the test."""
+    Threads(target, count, indexed=indexed).join(timeout)
+
+
+def sold_on_record(store: str | Path) -> int:
+    """Tickets in the sale rows of a SQLite file (a path or a sqlite:/// URL) or a PostgreSQL
+    database (its URL), counted by SQL: evidence the store did not derive."""
+    query = "SELECT coalesce(sum(count), 0) FROM sales"
+    if isinstance(store, Path) or store.startswith("sqlite:///"):
+        path = store if isinstance(store, Path) else Path(store.removeprefix("sqlite:///"))
+        with closing(sqlite3.connect(path)) as db:
+            return int(db.execute(query).fetchone()[0])
+    import psycopg
+
+    with psycopg.connect(store) as conn:
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        return int(row[0])
 
 
 def wait_until_healthy(url: str, timeout: float = 10.0) -> None:
@@ -158,9 +203,11 @@ def wait_until_healthy(url: str, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def serving(settings: Settings, store: Store) -> Iterator[str]:
+def serving(settings: Settings, store: Store,
+            app_clock: Callable[[], float] = time.time) -> Iterator[str]:
     """Run a real waitress server in a thread on a free loopback port; yield its URL."""
-    server = Server(settings.replace(host="127.0.0.1", port=0), create_app(settings, store))
+    server = Server(settings.replace(host="127.0.0.1", port=0),
+                    create_app(settings, store, app_clock))
     thread = threading.Thread(target=server.serve, name="waitress", daemon=True)
     thread.start()
     try:
@@ -174,36 +221,48 @@ def serving(settings: Settings, store: Store) -> Iterator[str]:
 
 @pytest.fixture
 def live_server(make_store: Stores) -> Callable[..., Any]:
-    """``live_server(tickets=..., **settings)`` is a context manager yielding a base URL."""
+    """``live_server(tickets=..., app_clock=..., **settings)`` is a context manager yielding
+    a base URL; ``app_clock`` is the clock of the app's sales figures."""
 
-    def start(tickets: int = 100, **overrides: Any) -> Any:
+    def start(tickets: int = 100, app_clock: Callable[[], float] = time.time,
+              **overrides: Any) -> Any:
         settings = make_store.settings(tickets, **overrides)
-        return serving(settings, make_store.open(settings))
+        return serving(settings, make_store.open(settings), app_clock)
 
     return start
 
 
 @contextmanager
-def server_process(*argv: str, env: dict[str, str] | None = None
-                   ) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """``python -m app serve --port 0 ARGV`` as a subprocess; yields it and its URL.
+def service_process(*argv: str, stderr: IO[str] | int | None = None, ready: bool = True,
+                    cwd: Path | None = None) -> Iterator[ServiceProcess]:
+    """``python -m app serve --host 127.0.0.1 --port 0 ARGV`` as a subprocess: the one way
+    the tests start a service process, the load generator's own (loadtest.spawn).
 
-    The URL comes from the one line the server prints once it listens. The process is
-    killed at exit if the test has not stopped it.
+    Yields once it listens (and, with ``ready``, answers /healthz); its stdout and stderr
+    are always read (stderr goes to ``stderr`` when given, else to the test's), so it never
+    blocks on a full pipe. It is stopped when the block ends, however the test ends.
     """
-    process = subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", "0", *argv],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **(env or {})})
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("ticketbooth listening on http://127.0.0.1:"), (
-            line + process.communicate(timeout=10)[1])
-        yield process, line.split()[-1]
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
+    with running_service(service_command(argv), stderr=stderr, cwd=cwd) as service:
+        if ready:
+            wait_until_healthy(service.url)
+        yield service
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """``python -m app ARGV`` to its end, for starts that must fail (bounded)."""
+    return subprocess.run([sys.executable, "-m", "app", *argv], capture_output=True, text=True,
+                          timeout=30, check=False, env={**os.environ, **(env or {})})
+
+
+def poll(condition: Callable[[], object], what: str, timeout: float = 10.0) -> float:
+    """Poll ``condition()`` every 20 ms until it is true (bounded); the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)  # polling interval, not synchronisation
+    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,15 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import closing
+from functools import partial
 from pathlib import Path
 
 import psycopg
 import pytest
 import requests
 
-from tests.conftest import server_process, store_url
+from tests.conftest import Threads, service_process, sold_on_record, store_url
 
 CYCLES = int(os.environ.get("TICKETBOOTH_CRASH_CYCLES", "5"))
 STOCK = 1_000_000
@@ -25,36 +27,21 @@ BUYERS = 8
 ACKED_BEFORE_KILL = 150
 
 
-def buy_until_killed(url: str, keyed: bool, acked: list[int], failures: list[str],
-                     enough: threading.Event) -> None:
-    """Buy until the server stops answering; record every acknowledged serial."""
+def buy_until_killed(url: str, acked: list[int], enough: threading.Event, index: int) -> None:
+    """Buy until the server stops answering; record every acknowledged serial. Every other
+    buyer sends an Idempotency-Key, so batches mix keyed and keyless orders."""
     with requests.Session() as session:
         for _ in range(100_000):  # bounded; ends when the server is killed
-            headers = {"Idempotency-Key": str(uuid.uuid4())} if keyed else {}
+            headers = {"Idempotency-Key": str(uuid.uuid4())} if index % 2 else {}
             try:
                 response = session.post(f"{url}/buy", json={"quantity": 2}, headers=headers,
                                         timeout=10)
             except requests.RequestException:
                 return
-            if response.status_code != 200:
-                failures.append(f"{response.status_code} {response.text}")
-                return
+            assert response.status_code == 200, response.text
             acked.extend(ticket["serial"] for ticket in response.json()["tickets"])
             if len(acked) >= ACKED_BEFORE_KILL:
                 enough.set()
-
-
-def recorded_sales(kind: str, url: str) -> int:
-    """Tickets the store's sale rows hold, counted by SQL: evidence the service did not
-    derive from its own counters."""
-    query = "SELECT coalesce(sum(count), 0) FROM sales"
-    if kind == "sqlite":
-        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
-            return int(db.execute(query).fetchone()[0])
-    with psycopg.connect(url) as conn:
-        row = conn.execute(query).fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
@@ -65,41 +52,32 @@ def test_sigkill_never_loses_an_acknowledged_sale(kind: str, tmp_path: Path,
     acknowledged: list[int] = []
     for _cycle in range(CYCLES):
         acked: list[int] = []
-        failures: list[str] = []
         enough = threading.Event()
-        with server_process(*store) as (process, service):
-            buyers = [threading.Thread(target=buy_until_killed,
-                                       args=(service, i % 2 == 0, acked, failures, enough))
-                      for i in range(BUYERS)]
-            for buyer in buyers:
-                buyer.start()
-            assert enough.wait(timeout=60), f"buyers made no progress: {failures[:3]}"
-            process.kill()  # SIGKILL: no shutdown, no flush, mid-batch
-            process.wait(timeout=10)
-            for buyer in buyers:
-                buyer.join(timeout=30)
-        assert not failures, failures[:5]
+        with service_process(*store) as service:
+            buyers = Threads(partial(buy_until_killed, service.url, acked, enough), BUYERS)
+            assert enough.wait(timeout=60), "buyers made no progress"
+            service.process.kill()  # SIGKILL: no shutdown, no flush, mid-batch
+            service.process.wait(timeout=10)
+            buyers.join(timeout=30)
         acknowledged.extend(acked)
 
-        with server_process(*store) as (process, service):
+        with service_process(*store) as service:
             with requests.Session() as session:
-                sold = session.get(f"{service}/remaining", timeout=5).json()["sold"]
+                sold = session.get(f"{service.url}/remaining", timeout=5).json()["sold"]
                 lost = [serial for serial in acked
-                        if session.get(f"{service}/tickets/{serial}", timeout=5).status_code
-                        != 200]
-            process.terminate()
-            assert process.wait(timeout=10) == 0
+                        if session.get(f"{service.url}/tickets/{serial}", timeout=5
+                                       ).status_code != 200]
+            assert service.stop() == 0
         assert not lost, f"acknowledged tickets lost: {lost[:10]}"
-        # The service's count agrees with the sale rows; sales committed whose answer was
-        # lost in the kill may exceed the acknowledged ones.
-        assert sold == recorded_sales(kind, url)
-        assert sold >= len(acknowledged)
+        # The service's count agrees with the sale rows counted by SQL; sales committed
+        # whose answer was lost in the kill may exceed the acknowledged ones.
+        assert sold_on_record(url) == sold >= len(acknowledged)
     assert len(set(acknowledged)) == len(acknowledged), "a serial was sold twice"
 
 
-def hold_and_confirm_until_killed(url: str, index: int, holds: dict[str, int],
-                                  confirmed: dict[str, list[int]], failures: list[str],
-                                  enough: threading.Event) -> None:
+def hold_and_confirm_until_killed(url: str, holds: dict[str, int],
+                                  confirmed: dict[str, list[int]], enough: threading.Event,
+                                  index: int) -> None:
     """Create holds and confirm every other one until the server stops answering; record
     every 201 hold (with its ttl) and every confirmed ticket. The others are left to
     expire: a ttl of 1 s, or 600 s to stay held."""
@@ -110,16 +88,12 @@ def hold_and_confirm_until_killed(url: str, index: int, holds: dict[str, int],
                 made = session.post(f"{url}/holds", json={"quantity": 2, "ttl_s": ttl},
                                     headers={"Idempotency-Key": str(uuid.uuid4())},
                                     timeout=10)
-                if made.status_code != 201:
-                    failures.append(f"{made.status_code} {made.text}")
-                    return
+                assert made.status_code == 201, made.text
                 hold_id = made.json()["id"]
                 holds[hold_id] = ttl
                 if ttl == 600 and (turn + index) % 2:
                     answer = session.post(f"{url}/holds/{hold_id}/confirm", timeout=10)
-                    if answer.status_code != 200:
-                        failures.append(f"{answer.status_code} {answer.text}")
-                        return
+                    assert answer.status_code == 200, answer.text
                     confirmed[hold_id] = [ticket["serial"] for ticket in answer.json()["tickets"]]
             except requests.RequestException:
                 return
@@ -131,7 +105,7 @@ def held_by_sql(kind: str, url: str) -> tuple[int, int]:
     """Tickets in live holds by their rows (state held, not yet expired), and tickets in
     rows still marked held (expired or not); evidence from SQL."""
     if kind == "sqlite":
-        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
             now = time.time()
             live, marked = db.execute(
                 "SELECT coalesce(sum(quantity * (expires_at > ?)), 0), "
@@ -156,24 +130,19 @@ def test_sigkill_keeps_every_hold_and_confirmation(kind: str, tmp_path: Path,
     holds: dict[str, int] = {}
     confirmed: dict[str, list[int]] = {}
     for _cycle in range(max(1, CYCLES // 2)):
-        failures: list[str] = []
         enough = threading.Event()
-        with server_process(*store) as (process, service):
-            buyers = [threading.Thread(target=hold_and_confirm_until_killed,
-                                       args=(service, i, holds, confirmed, failures, enough))
-                      for i in range(BUYERS)]
-            for buyer in buyers:
-                buyer.start()
-            assert enough.wait(timeout=60), f"buyers made no progress: {failures[:3]}"
-            process.kill()  # SIGKILL: mid-batch
-            process.wait(timeout=10)
-            for buyer in buyers:
-                buyer.join(timeout=30)
-        assert not failures, failures[:5]
+        with service_process(*store) as service:
+            buyers = Threads(partial(hold_and_confirm_until_killed, service.url, holds,
+                                     confirmed, enough), BUYERS)
+            assert enough.wait(timeout=60), "buyers made no progress"
+            service.process.kill()  # SIGKILL: mid-batch
+            service.process.wait(timeout=10)
+            buyers.join(timeout=30)
 
     serials = [serial for tickets in confirmed.values() for serial in tickets]
     assert len(set(serials)) == len(serials), "a serial was sold twice"
-    with server_process(*store) as (process, service), requests.Session() as session:
+    with service_process(*store) as running, requests.Session() as session:
+        service = running.url
         deadline = time.monotonic() + 30
         for hold_id, ttl in holds.items():  # every 201 hold is on record
             while True:
@@ -195,10 +164,9 @@ def test_sigkill_keeps_every_hold_and_confirmation(kind: str, tmp_path: Path,
         counts = session.get(f"{service}/remaining", timeout=5).json()
         live, _ = held_by_sql(kind, url)
         assert counts["held"] == live  # expired holds are back in the stock
-        assert counts["sold"] == recorded_sales(kind, url) >= len(serials)
+        assert counts["sold"] == sold_on_record(url) >= len(serials)
         assert counts["remaining"] == STOCK - counts["sold"] - counts["held"]
         while held_by_sql(kind, url)[1] != live:  # and cleaned up in the background
             assert time.monotonic() < deadline + 30, "expired holds were never cleaned up"
             time.sleep(0.05)  # readiness poll
-        process.terminate()
-        assert process.wait(timeout=10) == 0
+        assert running.stop() == 0

@@ -114,9 +114,12 @@ def test_clients_that_leave_while_parked_break_nothing(tmp_path: Path) -> None:
             counts = requests.get(f"{url}/remaining", timeout=5).json()
             # Whatever the leavers bought was committed whole; this buyer got the next one.
             assert after.json()["tickets"] == [{"serial": counts["sold"]}]
-            assert counts["sold"] + counts["remaining"] == 100
+            # The count agrees with the serials looked up one by one: all of 1..sold are
+            # sold, and the next is not.
             for serial in range(1, counts["sold"] + 1):
                 assert requests.get(f"{url}/tickets/{serial}", timeout=5).status_code == 200
+            assert requests.get(f"{url}/tickets/{counts['sold'] + 1}",
+                                timeout=5).status_code == 404
     finally:
         store.close()
 

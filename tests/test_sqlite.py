@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,46 +15,40 @@ import requests
 from app.settings import Settings
 from app.stores import open_store
 from app.stores.sqlite import SqliteStore
-from tests.conftest import server_process, serving
+from tests.conftest import run_cli, service_process, serving
 
 
 def start_cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app", "serve", "--port", "0", *argv],
-                          capture_output=True, text=True, timeout=30)
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=10) == 0
+    return run_cli("serve", "--port", "0", *argv)
 
 
 def test_restart_keeps_sales_lookups_and_keys(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'tickets.db'}"
-    with server_process("--store", store, "--tickets", "50") as (process, url):
-        sale = requests.post(f"{url}/buy", json={"quantity": 3},
+    with service_process("--store", store, "--tickets", "50") as service:
+        sale = requests.post(f"{service.url}/buy", json={"quantity": 3},
                              headers={"Idempotency-Key": "order-1"}, timeout=5)
         assert sale.status_code == 200
-        sold_at = requests.get(f"{url}/tickets/2", timeout=5).json()["sold_at"]
-        stop(process)
-    with server_process("--store", store, "--tickets", "50") as (process, url):
-        assert requests.get(f"{url}/remaining", timeout=5).json() == {
+        sold_at = requests.get(f"{service.url}/tickets/2", timeout=5).json()["sold_at"]
+        assert service.stop() == 0
+    with service_process("--store", store, "--tickets", "50") as service:
+        assert requests.get(f"{service.url}/remaining", timeout=5).json() == {
             "remaining": 47, "sold": 3, "held": 0, "total": 50}
         for serial in (1, 2, 3):
-            assert requests.get(f"{url}/tickets/{serial}", timeout=5).status_code == 200
-        assert requests.get(f"{url}/tickets/2", timeout=5).json()["sold_at"] == sold_at
-        assert requests.get(f"{url}/tickets/4", timeout=5).status_code == 404
-        replay = requests.post(f"{url}/buy", json={"quantity": 3},
+            assert requests.get(f"{service.url}/tickets/{serial}", timeout=5).status_code == 200
+        assert requests.get(f"{service.url}/tickets/2", timeout=5).json()["sold_at"] == sold_at
+        assert requests.get(f"{service.url}/tickets/4", timeout=5).status_code == 404
+        replay = requests.post(f"{service.url}/buy", json={"quantity": 3},
                                headers={"Idempotency-Key": "order-1"}, timeout=5)
         assert replay.status_code == 200 and replay.json() == sale.json()
         assert replay.headers["Idempotent-Replayed"] == "true"
-        assert requests.get(f"{url}/remaining", timeout=5).json()["sold"] == 3
-        stop(process)
+        assert requests.get(f"{service.url}/remaining", timeout=5).json()["sold"] == 3
+        assert service.stop() == 0
 
 
 def test_restart_with_another_stock_is_refused(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'tickets.db'}"
-    with server_process("--store", store, "--tickets", "50") as (process, _url):
-        stop(process)
+    with service_process("--store", store, "--tickets", "50") as service:
+        assert service.stop() == 0
     result = start_cli("--store", store, "--tickets", "60")
     assert result.returncode == 2
     assert "created with --tickets 50, not 60" in result.stderr
@@ -64,18 +56,9 @@ def test_restart_with_another_stock_is_refused(tmp_path: Path) -> None:
 
 
 def test_relative_path_and_missing_folders_are_created(tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", "0", "--store",
-         "sqlite:///nested/deeper/tickets.db"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        assert "listening on" in process.stdout.readline()
-        stop(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
+    with service_process("--store", "sqlite:///nested/deeper/tickets.db",
+                         cwd=tmp_path) as service:
+        assert service.stop() == 0
     assert (tmp_path / "nested" / "deeper" / "tickets.db").is_file()
 
 
@@ -105,36 +88,36 @@ def test_unusable_database_exits_2(tmp_path: Path, make_bad: Callable[[Path], Pa
 
 def test_database_error_is_503_and_nothing_is_acknowledged(tmp_path: Path) -> None:
     path = tmp_path / "tickets.db"
-    with server_process("--store", f"sqlite:///{path}", "--tickets", "10") as (process, url):
-        assert requests.post(f"{url}/buy", timeout=5).status_code == 200
+    with service_process("--store", f"sqlite:///{path}", "--tickets", "10") as service:
+        assert requests.post(f"{service.url}/buy", timeout=5).status_code == 200
         # A real database fault, from the database itself: every insert of a sale aborts.
         with sqlite3.connect(path) as db:
             db.execute("CREATE TRIGGER fail BEFORE INSERT ON sales "
                        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
-        failed = requests.post(f"{url}/buy", json={"quantity": 2}, timeout=10)
+        failed = requests.post(f"{service.url}/buy", json={"quantity": 2}, timeout=10)
         assert failed.status_code == 503
         assert failed.json()["error"] == "store_unavailable"
         assert failed.headers["Retry-After"] == "1"
-        assert requests.get(f"{url}/remaining", timeout=5).json()["sold"] == 1
+        assert requests.get(f"{service.url}/remaining", timeout=5).json()["sold"] == 1
         with sqlite3.connect(path) as db:
             db.execute("DROP TRIGGER fail")
-        recovered = requests.post(f"{url}/buy", timeout=5)
+        recovered = requests.post(f"{service.url}/buy", timeout=5)
         assert recovered.json() == {"tickets": [{"serial": 2}], "remaining": 8}
-        stop(process)
+        assert service.stop() == 0
 
 
 def test_second_process_on_the_same_file_is_refused(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'tickets.db'}"
-    with server_process("--store", store) as (process, url):
+    with service_process("--store", store) as service:
         second = start_cli("--store", store)
         assert second.returncode == 2
         assert "in use by another ticketbooth process" in second.stderr
-        assert requests.post(f"{url}/buy", timeout=5).status_code == 200
-        stop(process)
+        assert requests.post(f"{service.url}/buy", timeout=5).status_code == 200
+        assert service.stop() == 0
     # Once the owner has stopped, the file is free again.
-    with server_process("--store", store) as (process, url):
-        assert requests.get(f"{url}/remaining", timeout=5).json()["sold"] == 1
-        stop(process)
+    with service_process("--store", store) as service:
+        assert requests.get(f"{service.url}/remaining", timeout=5).json()["sold"] == 1
+        assert service.stop() == 0
 
 
 def test_the_wal_is_reused_under_steady_sales(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from playwright.sync_api import Browser, Page, expect
 from app.settings import Settings
 from app.stores import open_store
 from tests.browser import ARTIFACTS
-from tests.conftest import server_process, serving
+from tests.conftest import service_process, serving
 
 
 class Visitor:
@@ -159,7 +159,8 @@ def test_polling_shows_sales_made_elsewhere(visitor: Visitor) -> None:
 def test_shows_the_service_error(visitor: Visitor, tmp_path: Path) -> None:
     """A real 503 from /buy: the database itself refuses every new sale."""
     database = tmp_path / "tickets.db"
-    with server_process("--tickets", "2", "--store", f"sqlite:///{database}") as (_, url):
+    with service_process("--tickets", "2", "--store", f"sqlite:///{database}") as service:
+        url = service.url
         page = visitor.open(url)
         expect_counts(page, remaining=2, sold=0, total=2)
         with sqlite3.connect(database) as db:
@@ -176,20 +177,21 @@ def test_shows_the_service_error(visitor: Visitor, tmp_path: Path) -> None:
 def test_unreachable_service_then_recovery(visitor: Visitor, tmp_path: Path) -> None:
     """The server process dies; the page says so; a new one on the same port and store."""
     args: list[Any] = ["--tickets", "4", "--store", f"sqlite:///{tmp_path / 'tickets.db'}"]
-    with server_process(*args) as (process, url):
+    with service_process(*args) as service:
+        url = service.url
         page = visitor.open(url)
         expect_counts(page, remaining=4, sold=0, total=4)
         page.locator("#buy").click()
         expect(page.locator("#result")).to_have_text("You got ticket #1")
-        process.kill()
-        process.wait(timeout=10)
+        service.process.kill()
+        service.process.wait(timeout=10)
         expect(page.locator("#conn")).to_be_visible()
         expect(page.locator("#conn")).to_contain_text("Can't reach the ticket booth")
         screenshot(page, "status-page-unreachable.png")
 
     port = url.rsplit(":", 1)[1]
-    with server_process(*args, "--port", port) as (_, again):
-        assert again == url
+    with service_process(*args, "--port", port) as again:
+        assert again.url == url
         expect(page.locator("#conn")).to_be_hidden()
         expect_counts(page, remaining=3, sold=1, total=4)
         page.locator("#buy").click()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.telemetry import SalesRate
-from tests.conftest import FakeClock, run_threads, server_process
+from app.telemetry import AccessLog, SalesRate
+from tests.conftest import FakeClock, run_threads, service_process
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -83,13 +86,15 @@ def test_sales_rate_covers_the_last_minute_only() -> None:
 
 
 @pytest.mark.parametrize("form", ["plain", "json", "off"])
-def test_access_log_has_one_line_per_request(form: str) -> None:
-    with server_process("--access-log", form) as (process, url):
+def test_access_log_has_one_line_per_request(form: str, tmp_path: Path) -> None:
+    log = tmp_path / "stderr.log"
+    with log.open("w") as file, service_process("--access-log", form, stderr=file) as service:
+        url = service.url
         requests.post(f"{url}/buy?quantity=2", headers={"Idempotency-Key": "a"}, timeout=5)
         requests.post(f"{url}/buy?quantity=2", headers={"Idempotency-Key": "a"}, timeout=5)
         requests.get(f"{url}/nowhere", timeout=5)
-        process.terminate()
-        _, stderr = process.communicate(timeout=10)
+        assert service.stop() == 0
+    stderr = log.read_text()
     lines = [line for line in stderr.splitlines() if "/buy" in line or "/nowhere" in line]
     if form == "off":
         assert lines == []
@@ -107,12 +112,76 @@ def test_access_log_has_one_line_per_request(form: str) -> None:
         assert '"GET /nowhere" 404' in lines[2] and lines[2].endswith("ms")
 
 
-def test_log_level_warning_hides_info() -> None:
-    with server_process("--log-level", "warning") as (process, url):
-        requests.get(f"{url}/healthz", timeout=5)
-        process.terminate()
-        _, stderr = process.communicate(timeout=10)
+def test_log_level_warning_hides_info(tmp_path: Path) -> None:
+    log = tmp_path / "stderr.log"
+    with log.open("w") as file, service_process("--log-level", "warning",
+                                                stderr=file) as service:
+        requests.get(f"{service.url}/healthz", timeout=5)
+        assert service.stop() == 0
+    stderr = log.read_text()
     assert "/healthz" not in stderr and "stopped" not in stderr
+
+
+def test_a_server_that_logs_a_lot_through_the_harness_still_answers() -> None:
+    """The harness reads the service's stderr as it comes: a pipe nobody reads fills up
+    (64 KiB on Linux) and then blocks the server's next log write, and every request."""
+    padding = "x" * 2_000  # each access line holds the path: ~2 KB a line, ~600 KB in all
+    with service_process() as service, requests.Session() as session:
+        for index in range(300):
+            answer = session.get(f"{service.url}/nowhere/{index}/{padding}", timeout=10)
+            assert answer.status_code == 404
+        assert session.get(f"{service.url}/remaining", timeout=10).status_code == 200
+
+
+def test_a_log_that_cannot_be_written_changes_no_answer() -> None:
+    """The reader of the service's stderr goes away (a log shipper restarts, ``| head``):
+    every request is still answered as it would be, a committed sale as sold."""
+    reader, writer = os.pipe()
+    try:
+        with service_process("--tickets", "5", stderr=writer) as service:
+            os.close(writer)
+            writer = -1
+            os.close(reader)  # from now on, every write to its stderr fails (EPIPE)
+            reader = -1
+            sale = requests.post(f"{service.url}/buy", json={"quantity": 2}, timeout=10)
+            assert (sale.status_code, sale.json()) == (
+                200, {"tickets": [{"serial": 1}, {"serial": 2}], "remaining": 3})
+            assert requests.get(f"{service.url}/remaining", timeout=10).json() == {
+                "remaining": 3, "sold": 2, "held": 0, "total": 5}
+            assert requests.get(f"{service.url}/tickets/2", timeout=10).status_code == 200
+            metrics = scrape(service.url)
+            # Four lines so far (the scrape's own comes after it is answered).
+            assert metrics[("ticketbooth_log_lines_dropped_total", ())] >= 3
+            assert service.stop() == 0
+    finally:
+        for fd in (reader, writer):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_dropped_access_lines_are_counted_and_owned_up_to_once_writing_works() -> None:
+    registry = CollectorRegistry()
+    dropped = Counter("dropped", "test", registry=registry)
+    first_reader, first_writer = os.pipe()
+    fd = os.dup(first_writer)  # the log's descriptor; pointed at another pipe below
+    os.close(first_writer)
+    os.close(first_reader)
+    second_reader, second_writer = os.pipe()
+    try:
+        access_log = AccessLog(fd, dropped)
+        access_log.write("lost one")
+        access_log.write("lost two")
+        assert registry.get_sample_value("dropped_total") == 2
+        os.dup2(second_writer, fd)  # writing works again
+        access_log.write("kept")
+        access_log.write("kept too")
+        assert os.read(second_reader, 65536).decode().splitlines() == [
+            "ticketbooth: 2 access log lines could not be written and were dropped",
+            "kept", "kept too"]
+        assert registry.get_sample_value("dropped_total") == 2
+    finally:
+        for each in (fd, second_reader, second_writer):
+            os.close(each)
 
 
 def idle_connections(url: str, count: int, stack: ExitStack) -> None:
@@ -129,7 +198,10 @@ def test_buy_answers_with_many_idle_connections_open(live_server: Callable[..., 
 
 def test_idle_connections_past_the_limit_are_reclaimed(live_server: Callable[..., Any]
                                                        ) -> None:
-    with live_server(tickets=5, connection_limit=20, channel_timeout=1) as url, \
+    # No per-client limit: every connection here comes from one address, and what is
+    # tested is the total limit (tests/test_slow_clients.py tests the other).
+    with live_server(tickets=5, connection_limit=20, channel_timeout=1,
+                     max_connections_per_client=0) as url, \
             ExitStack() as stack:
         idle_connections(url, 40, stack)
         # Past the limit, new connections wait until idle ones time out and are closed.

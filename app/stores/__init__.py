@@ -39,9 +39,10 @@ def open_store(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     if url.startswith(("postgresql://", "postgres://")):
         try:
             from app.stores.postgres import PostgresStore
-        except ImportError as error:  # psycopg is a dependency; a broken install shows here
+        except ImportError as error:  # the driver comes with the postgres extra
             raise StoreSetupError(f"--store {url.split(':', 1)[0]}:// needs psycopg and "
-                                  f"psycopg-pool: {error}") from error
+                                  f"psycopg-pool ({error}): pip install "
+                                  "'ticketbooth[postgres]'") from error
 
         return PostgresStore(url, settings.tickets, pool_size=settings.pool_size,
                              chore_s=chore_s, key_ttl=ttl,

@@ -159,6 +159,13 @@ def test_container_serves_keeps_sales_and_stops_cleanly(
     assert "ticketbooth serve" in pid1[0][2], f"PID 1 is not the service:\n{chr(10).join(top)}"
     assert podman.run("exec", name, "id", "-u").stdout.strip() == "10001"
 
+    # The image has the load generator and the PostgreSQL driver. The smoke test runs against
+    # a service of its own (memory store, on the container's loopback): this one sells nothing.
+    smoke = podman.run("exec", name, "ticketbooth-load", "--spawn", "--quiet", timeout=120)
+    assert smoke.stdout.strip().endswith("PASS: all 4 checks passed"), smoke.describe()
+    podman.run("exec", name, "python", "-c", "import psycopg, psycopg_pool")
+    assert get(port, "/remaining").json() == before
+
     # podman restart: the sale is still there.
     restart = podman.run("restart", "--time", str(GRACE), name, timeout=60)
     timings.seconds["podman restart"] = restart.seconds

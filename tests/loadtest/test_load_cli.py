@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.cli import run
+from loadtest.cli import build_parser, missing_extra, run
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,31 @@ def test_usage_errors_exit_2(argv: list[str], message: str,
                              capsys: pytest.CaptureFixture[str]) -> None:
     assert run(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "installed", "missing"), [
+    (["--plot", "run.png"], set(), "--plot needs matplotlib, which is not installed: "
+                                   "pip install 'ticketbooth[plot]'"),
+    (["--plot", "run.png"], {"matplotlib"}, None),
+    ([], set(), None),
+])
+def test_missing_extra(argv: list[str], installed: set[str], missing: str | None) -> None:
+    assert missing_extra(build_parser().parse_args(argv), installed.__contains__) == missing
+
+
+def test_plot_without_matplotlib_exits_2_with_one_line_before_the_run(
+        tmp_path: Path, dead_url: str) -> None:
+    """matplotlib hidden from a real ``python -m loadtest``: nothing is sent, nothing written."""
+    hide = ("import sys; sys.modules['matplotlib'] = None; "
+            "from loadtest import main; raise SystemExit(main())")
+    result = subprocess.run(
+        [sys.executable, "-c", hide, "--url", dead_url,
+         "--plot", str(tmp_path / "run.png")],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == ("ticketbooth-load: error: --plot needs matplotlib, which is not "
+                             "installed: pip install 'ticketbooth[plot]'\n")
+    assert not (tmp_path / "run.png").exists()
 
 
 def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
