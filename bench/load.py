@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 from bench.procs import BenchError, Pinning
 from loadtest.booths import PURCHASE_CONTENT_TYPE, purchase_body
 
-__all__ = ["NoAnswer", "Run", "run_ticketbooth_load", "run_wrk", "write_wrk_script", "wrk_version"]
+__all__ = ["NoAnswer", "Run", "port_of", "run_ticketbooth_load", "run_wrk", "write_wrk_script",
+           "wrk_version"]
 
 #: wrk threads: 2, as wrk is usually run; each thread drives connections / 2 connections.
 WRK_THREADS = 2
@@ -119,8 +120,18 @@ class Run:
     foreign_cpu: float | None = None
     #: The same on the load generator's CPU (None when unpinned).
     foreign_load_cpu: float | None = None
-    #: CPU the load generator used, in CPUs: near 1.0 it was the bottleneck.
+    #: CPU the load generator used, in CPUs: near 1.0 it was the bottleneck. It includes the
+    #: delay proxy's, which runs on the load's CPU too.
     load_cpu: float | None = None
+    #: CPU the delay proxy used, in CPUs (rows through the proxy only).
+    proxy_cpu: float | None = None
+    #: CPU PostgreSQL's processes (the postmaster and its children) used, in CPUs (rows on
+    #: PostgreSQL only).
+    db_cpu: float | None = None
+    #: CPU time per sale (2xx answer), in microseconds: the service process(es), and
+    #: PostgreSQL's processes (rows on PostgreSQL only). None when nothing was sold.
+    service_us_per_sale: float | None = None
+    db_us_per_sale: float | None = None
     #: Runs redone because they got no answer at all (a stalled machine).
     retries: int = 0
 
@@ -134,6 +145,11 @@ class Run:
         if others + load > LOAD_CPU_FULL:
             noise += others
         return noise
+
+    @property
+    def sales(self) -> int:
+        """Requests answered 2xx or 3xx: at the bench's stocks, one ticket sold each."""
+        return max(0, self.requests - self.non_2xx)
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "noise": round(self.noise, 3)}
@@ -169,7 +185,8 @@ def write_wrk_script(path: Path, ports: Sequence[int], *, keyed: bool,
     return path
 
 
-def _port(url: str) -> int:
+def port_of(url: str) -> int:
+    """The port of ``url`` (``http://`` or ``tcp://``), or a BenchError."""
     port = urlsplit(url).port
     if port is None:
         raise BenchError(f"no port in {url!r}")
@@ -184,7 +201,7 @@ def run_wrk(urls: Sequence[str], *, duration: float, connections: int, pinning: 
         raise BenchError(f"--connections must be a multiple of {WRK_THREADS}")
     if WRK_THREADS % len(urls):
         raise BenchError(f"wrk's {WRK_THREADS} threads cannot be split over {len(urls)} URLs")
-    ports = [_port(u) for u in urls]
+    ports = [port_of(u) for u in urls]
     name = (f"wrk-{'-'.join(map(str, ports))}{'-keyed' if keyed else ''}"
             f"{'-as-booths' if as_booths else ''}.lua")
     script = write_wrk_script(script_dir / name, ports, keyed=keyed, as_booths=as_booths)

@@ -30,7 +30,8 @@ START_TIMEOUT = 30.0
 #: Seconds a server may take to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 10.0
 _TICKS = os.sysconf("SC_CLK_TCK")
-_URL = re.compile(r"listening on (http://127\.0\.0\.1:\d+)\s*$")
+#: The line a server prints once it accepts: an HTTP server, or the delay proxy (tcp://).
+_URL = re.compile(r"listening on ((?:http|tcp)://127\.0\.0\.1:\d+)\s*$")
 
 
 class BenchError(Exception):

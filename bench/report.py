@@ -24,6 +24,8 @@ PASS, MISS, REPORT, NA = "PASS", "MISS", "report", "n/a"
 RATE_HELD = 0.99
 #: The p99 chart shows at least this much (ms), so that a 10 ms limit is in view.
 P99_AXIS_MS = 12.0
+#: The column of CPU time per sale.
+PER_SALE = "CPU us/sale (service/db)"
 
 
 @dataclass
@@ -66,15 +68,34 @@ class Measured:
     def p99_ms(self) -> float:
         return statistics.median(r.p99_ms for r in self.runs)
 
-    @property
-    def server_cpu(self) -> float | None:
-        used = [r.server_cpu for r in self.runs if r.server_cpu is not None]
+    def _median(self, figure: str) -> float | None:
+        """The median of a :class:`Run` figure over the runs that have it."""
+        used = [v for r in self.runs if (v := getattr(r, figure)) is not None]
         return statistics.median(used) if used else None
 
     @property
+    def server_cpu(self) -> float | None:
+        return self._median("server_cpu")
+
+    @property
     def load_cpu(self) -> float | None:
-        used = [r.load_cpu for r in self.runs if r.load_cpu is not None]
-        return statistics.median(used) if used else None
+        return self._median("load_cpu")
+
+    @property
+    def service_us_per_sale(self) -> float | None:
+        return self._median("service_us_per_sale")
+
+    @property
+    def db_us_per_sale(self) -> float | None:
+        return self._median("db_us_per_sale")
+
+    @property
+    def db_cpu(self) -> float | None:
+        return self._median("db_cpu")
+
+    @property
+    def proxy_cpu(self) -> float | None:
+        return self._median("proxy_cpu")
 
     def rate_shortfall(self) -> str:
         """For an open loop: why it is no measurement when the generator fell behind its
@@ -141,6 +162,10 @@ class Measured:
                 "p99_ms": round(self.p99_ms, 3) if self.runs else None,
                 "server_cpu": self.server_cpu,
                 "load_cpu": self.load_cpu,
+                "db_cpu": self.db_cpu,
+                "proxy_cpu": self.proxy_cpu,
+                "service_us_per_sale": self.service_us_per_sale,
+                "db_us_per_sale": self.db_us_per_sale,
                 "foreign_cpu_max": self.foreign_cpu,
                 "foreign_load_cpu_max": self.foreign_load_cpu,
                 "noise_max": round(self.noise, 3),
@@ -240,6 +265,16 @@ def _cpu(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _per_sale(m: Measured) -> str:
+    """CPU microseconds per sale: the service's, and PostgreSQL's after a slash."""
+    if m.service_us_per_sale is None:
+        return "-"
+    shown = f"{m.service_us_per_sale:,.0f}"
+    if m.db_us_per_sale is not None:
+        shown += f"/{m.db_us_per_sale:,.0f}"
+    return shown
+
+
 def _others(m: Measured) -> str:
     shown = _cpu(m.foreign_cpu)
     if m.foreign_load_cpu is not None:
@@ -255,13 +290,14 @@ def _measure_rows(measured: Iterable[Measured]) -> list[list[str]]:
         low, high = min(r.rps for r in m.runs), max(r.rps for r in m.runs)
         rows.append([m.title, m.tool, f"{m.rps:,.0f}", f"{low:,.0f}..{high:,.0f}",
                      f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}", _cpu(m.server_cpu),
-                     _cpu(m.load_cpu), _others(m), m.remarks()])
+                     _per_sale(m), _cpu(m.load_cpu), _others(m), m.remarks()])
     return rows
 
 
 def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
     header = ["measurement", "tool", f"req/s (median of {repeat})", "min..max", "p50 ms",
-              "p99 ms", "service CPU", "load CPU", "others' CPU (server/load)", "notes"]
+              "p99 ms", "service CPU", PER_SALE, "load CPU", "others' CPU (server/load)",
+              "notes"]
     lines = _table(header, _measure_rows(measured))
     lines.append("")
     lines += _table(["target", "measured", "target", "verdict", "notes"],
@@ -272,8 +308,9 @@ def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: i
 
 def format_markdown(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
     lines = [f"| measurement | tool | requests/s (median of {repeat}) | min..max | p50 ms | "
-             "p99 ms | service CPU | load CPU | others' CPU (server/load) | notes |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"p99 ms | service CPU | {PER_SALE} | load CPU | others' CPU (server/load) | "
+             "notes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _measure_rows(measured)]
     lines += ["", "| ratio or limit | measured | target | verdict | notes |",
               "|---|---:|---:|---|---|"]

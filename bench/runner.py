@@ -5,23 +5,25 @@ In one run, side by side, at the same concurrency (64 connections), it measures
 1. a bare WSGI hello and 2. a Flask hello, both served by the service's own waitress
    settings (``bench/hello.py``): the ceilings of the stack and of the framework;
 3. ``POST /buy`` on the memory, SQLite (durable) and PostgreSQL stores, PostgreSQL with one
-   and with two instances;
-4. ``POST /buy`` with a stock of 100 and of 1,000,000;
-5. ``ticketbooth-load`` against the memory store, next to wrk on the same server;
-6. p99 latency at a constant rate of half the memory and SQLite peaks (open loop,
+   and with two instances, connected directly and through a TCP proxy that delays every
+   chunk by 1 ms each way (``bench/delayproxy.py``: a database on another machine), and
+   through the same proxy at 0 ms (its own cost);
+4. ``POST /buy`` with a fresh ``Idempotency-Key`` on every request, on each store;
+5. ``POST /buy`` with a stock of 100 and of 1,000,000;
+6. ``ticketbooth-load`` against the memory store, next to wrk on the same server;
+7. p99 latency at a constant rate of half the memory and SQLite peaks (open loop,
    ``ticketbooth-load --rate``, latency from each request's intended send time), next to
-   the same open loop against a bare WSGI counter: the generator's own floor;
+   the same open loop against a bare WSGI counter: the generator's own floor.
 
-plus two report-only rows: memory and SQLite with a fresh ``Idempotency-Key`` on every
-request. Every server runs with the production features on: the default plain access log
+Every server runs with the production features on: the default plain access log
 (to a file), Prometheus metrics and idempotency support. All servers are started first and
 stay up; the repetitions are interleaved (repetition 1 of every measurement, then
 repetition 2, ...) so that a noisy neighbour on this shared machine hits every measurement
 alike, and the ratios compare figures taken minutes apart at most. The servers (and
 PostgreSQL) are pinned to one CPU and the load to the other where the machine allows.
-Each run also records the CPU the service and the load used, and the CPU other users of
-the machine took on the bench's CPUs; a run they disturbed is redone (bounded), and a
-measurement still disturbed is marked NOISY.
+Each run also records the CPU the service, PostgreSQL and the load used (and per sale),
+and the CPU other users of the machine took on the bench's CPUs; a run they disturbed is
+redone (bounded), and a measurement still disturbed is marked NOISY.
 
 It prints a table and every ratio next to its target with PASS or MISS, and writes
 ``OUT/bench.json`` (every figure), ``OUT/bench.md`` (the tables in Markdown) and
@@ -50,11 +52,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from bench.load import (
     WRK_THREADS,
     NoAnswer,
     Run,
+    port_of,
     run_ticketbooth_load,
     run_wrk,
     wrk_version,
@@ -94,6 +98,8 @@ MAX_RETRIES = 2
 NOISE_BUDGET = 8
 #: Measurements a --smoke run makes.
 SMOKE = ("flask-hello", "memory")
+#: The delay proxy's delay each way, in ms: a database on another machine nearby.
+PROXY_DELAY_MS = 1.0
 
 
 @dataclass(frozen=True)
@@ -101,11 +107,18 @@ class ServerSpec:
     """A server to start: a hello app (``wsgi``, ``flask``) or the service with a store.
 
     ``store`` is ``memory``, ``sqlite:NAME`` (a fresh file in the work folder) or
-    ``postgres:N`` (the N-th fresh database in the bench's PostgreSQL server)."""
+    ``postgres:N`` (the N-th fresh database in the bench's PostgreSQL server). With
+    ``delay_ms``, a PostgreSQL store is reached through the bench's delay proxy
+    (``bench/delayproxy.py``) delaying every chunk by that many ms each way."""
 
     kind: str
     store: str = "memory"
     tickets: int = BIG_STOCK
+    delay_ms: float | None = None
+
+    @property
+    def on_postgres(self) -> bool:
+        return self.store.startswith("postgres:")
 
 
 SERVERS: dict[str, ServerSpec] = {
@@ -116,6 +129,11 @@ SERVERS: dict[str, ServerSpec] = {
     "postgres-1": ServerSpec("service", "postgres:1"),
     "postgres-2a": ServerSpec("service", "postgres:2"),
     "postgres-2b": ServerSpec("service", "postgres:2"),
+    "postgres-proxy-1": ServerSpec("service", "postgres:3", delay_ms=PROXY_DELAY_MS),
+    "postgres-proxy0-1": ServerSpec("service", "postgres:4", delay_ms=0.0),
+    "postgres-proxy-2a": ServerSpec("service", "postgres:5", delay_ms=PROXY_DELAY_MS),
+    "postgres-proxy-2b": ServerSpec("service", "postgres:5", delay_ms=PROXY_DELAY_MS),
+    "postgres-1-keys": ServerSpec("service", "postgres:6"),
     "stock-100": ServerSpec("service", tickets=100),
     "stock-1m": ServerSpec("service", tickets=1_000_000),
     "memory-keys": ServerSpec("service"),
@@ -151,6 +169,13 @@ MEASUREMENTS: tuple[Measurement, ...] = (
     Measurement("postgres-1", "POST /buy, PostgreSQL, 1 instance", ("postgres-1",)),
     Measurement("postgres-2", "POST /buy, PostgreSQL, 2 instances",
                 ("postgres-2a", "postgres-2b"), note="32 connections to each instance"),
+    Measurement("postgres-proxy-1", "POST /buy, PostgreSQL 1 ms away, 1 instance",
+                ("postgres-proxy-1",), note="through the delay proxy, 1 ms each way"),
+    Measurement("postgres-proxy0-1", "POST /buy, PostgreSQL via the proxy at 0 ms, 1 instance",
+                ("postgres-proxy0-1",), note="through the delay proxy, no delay: its own cost"),
+    Measurement("postgres-proxy-2", "POST /buy, PostgreSQL 1 ms away, 2 instances",
+                ("postgres-proxy-2a", "postgres-proxy-2b"),
+                note="through one delay proxy, 1 ms each way; 32 connections to each instance"),
     Measurement("stock-100", "POST /buy, memory, stock 100", ("stock-100",),
                 note="its 100 tickets sell in the first milliseconds: then every answer is 409"),
     Measurement("stock-1m", "POST /buy, memory, stock 1,000,000", ("stock-1m",)),
@@ -158,6 +183,8 @@ MEASUREMENTS: tuple[Measurement, ...] = (
                 keyed=True, note="a new key on every request"),
     Measurement("sqlite-keys", "POST /buy, SQLite, Idempotency-Key", ("sqlite-keys",),
                 keyed=True, note="a new key on every request"),
+    Measurement("postgres-1-keys", "POST /buy, PostgreSQL, 1 instance, Idempotency-Key",
+                ("postgres-1-keys",), keyed=True, note="a new key on every request"),
     Measurement("p99-memory", "POST /buy, memory, half the peak rate", ("memory",),
                 tool="ticketbooth-load", half_peak_of="memory"),
     Measurement("p99-sqlite", "POST /buy, SQLite, half the peak rate", ("sqlite",),
@@ -183,11 +210,24 @@ CHECKS: tuple[CheckSpec, ...] = (
               "stock-1m"),
     CheckSpec("load-vs-wrk", "ticketbooth-load vs wrk, memory /buy, the same request",
               "load-memory", "memory-as-booths", 0.8),
-    CheckSpec("postgres-2-vs-1", "PostgreSQL 2 instances vs 1", "postgres-2", "postgres-1"),
+    CheckSpec("postgres-vs-sqlite", "PostgreSQL /buy (1 instance) vs SQLite /buy",
+              "postgres-1", "sqlite", 0.7),
+    CheckSpec("postgres-proxy-vs-direct", "PostgreSQL 1 ms away vs connected directly "
+              "(1 instance)", "postgres-proxy-1", "postgres-1", 0.8),
+    CheckSpec("postgres-proxy0-vs-direct", "PostgreSQL via the proxy at 0 ms vs directly "
+              "(the proxy's own cost)", "postgres-proxy0-1", "postgres-1"),
+    CheckSpec("postgres-proxy-vs-proxy0", "PostgreSQL via the proxy at 1 ms vs at 0 ms "
+              "(the delay's cost)", "postgres-proxy-1", "postgres-proxy0-1"),
+    CheckSpec("postgres-2-vs-1", "PostgreSQL 2 instances vs 1", "postgres-2", "postgres-1",
+              0.95),
+    CheckSpec("postgres-proxy-2-vs-1", "PostgreSQL 1 ms away, 2 instances vs 1",
+              "postgres-proxy-2", "postgres-proxy-1", 0.95),
     CheckSpec("memory-keys-vs-memory", "memory /buy with keys vs without", "memory-keys",
-              "memory"),
+              "memory", 0.8),
     CheckSpec("sqlite-keys-vs-sqlite", "SQLite /buy with keys vs without", "sqlite-keys",
-              "sqlite"),
+              "sqlite", 0.8),
+    CheckSpec("postgres-keys-vs-postgres", "PostgreSQL /buy with keys vs without (1 instance)",
+              "postgres-1-keys", "postgres-1", 0.8),
     CheckSpec("p99-memory", "p99 at half the peak, memory", "p99-memory", target=P99_LIMIT_MS,
               floor="floor-memory"),
     CheckSpec("p99-sqlite", "p99 at half the peak, SQLite", "p99-sqlite", target=P99_LIMIT_MS,
@@ -211,16 +251,35 @@ METHOD_NOTES = (
     "no sale). stock-1m >= 0.95x stock-100 thus says a sale at a stock of a million costs "
     "at most 5% more than the cheapest answer at a stock of 100; stock 10^12 vs 1,000,000 "
     "compares sales with sales.",
-    "PostgreSQL is durable (fsync on, synchronous_commit on) and runs on the servers' CPU; "
-    "two instances are two service processes on one database, both on the servers' CPU, "
-    "wrk's two threads each driving 32 connections to one of them.",
+    "PostgreSQL is durable (fsync on, synchronous_commit on, full_page_writes on) and runs "
+    "on the servers' CPU; two instances are two service processes on one database, both on "
+    "the servers' CPU, wrk's two threads each driving 32 connections to one of them. Each "
+    "PostgreSQL row has its own database (so its own stock row) in the one server; "
+    "postgres-1-keys is postgres-1's request with a new Idempotency-Key on each, as in the "
+    "other *-keys rows (the same wrk script).",
+    "postgres-proxy-*: the service reaches PostgreSQL through the bench's delay proxy "
+    "(bench/delayproxy.py, asyncio, its own process, pinned to the load's CPU like wrk: it "
+    "stands for the network, not for either machine). Per connection and per direction, it "
+    "stamps each chunk it reads with its arrival time plus D and forwards the chunks in "
+    "order, each no sooner than its stamp; reading never waits for forwarding, so D is "
+    "added to every message's latency without limiting throughput. postgres-proxy-1: one "
+    "instance, D = 1 ms (a round trip 2 ms longer, as to a database on another machine "
+    "nearby); postgres-proxy-2: two instances through that same proxy; postgres-proxy0-1: "
+    "one instance, D = 0: the proxy's own cost (an extra hop through a Python process), "
+    "so that postgres-proxy-1 vs postgres-proxy0-1 is the cost of the delay alone. The "
+    "target compares postgres-proxy-1 with postgres-1 (the same configuration, no proxy).",
     "service CPU: CPUs the measured service process(es) used during a run (median; 1.00 is "
-    "one CPU all the time; PostgreSQL's own processes are not in it). load CPU: the same for "
-    "the load generator. others' CPU (server/load): the most CPU that processes outside the "
-    "bench (other users of this shared machine) took on the servers' CPU and on the load's "
-    "CPU in any one repetition: each CPU's user time in /proc/stat less the user time of "
-    "the bench's own processes there (kernel time done while a CPU would idle is charged "
-    "to no process, so it is left out on both sides).",
+    "one CPU all the time; PostgreSQL's own processes are not in it). CPU us/sale: CPU "
+    "microseconds per sale (2xx answer), the service process(es), then after the slash "
+    "PostgreSQL's processes (the postmaster and all its children: backends, WAL writer, "
+    "checkpointer...), each CPU time over the run divided by the run's sales (median). "
+    "load CPU: the same for the load generator, the delay proxy's included (the JSON has "
+    "the proxy's own as proxy_cpu, and PostgreSQL's CPUs as db_cpu). others' CPU "
+    "(server/load): the most CPU that processes outside the bench (other users of this "
+    "shared machine) took on the servers' CPU and on the load's CPU in any one repetition: "
+    "each CPU's user time in /proc/stat less the user time of the bench's own processes "
+    "there, the delay proxy's on the load's CPU (kernel time done while a CPU would idle is "
+    "charged to no process, so it is left out on both sides).",
     "A run is noisy when others took more than the noise limit (0.1 CPU by default) on the "
     "servers' CPU, or on the load's CPU while it was full (generator and others above 0.9 "
     "CPU). After the repetitions, each measurement with a noisy run gets one more run, "
@@ -245,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Benchmark ticketbooth against the stack's own ceilings (a bare WSGI "
                     "hello and a Flask hello on the same waitress settings), every store, "
-                    "two PostgreSQL instances, a small and a large stock, ticketbooth-load "
+                    "two PostgreSQL instances, PostgreSQL 1 ms away through a delay proxy, "
+                    "keyed and keyless buys, a small and a large stock, ticketbooth-load "
                     "against wrk, and p99 at half the peak rate; print each ratio next to "
-                    "its target with PASS or MISS.",
+                    "its target with PASS or MISS, and the CPU per sale.",
         epilog="Exit status: 0 the bench ran (MISSes included: it is a report), 2 it could "
                "not run, 130 interrupted. Measurements: "
                + ", ".join(m.name for m in MEASUREMENTS) + ".")
@@ -309,14 +369,19 @@ def selected_measurements(only: Sequence[str] | None) -> list[Measurement]:
     return [m for m in MEASUREMENTS if m.name in names]
 
 
-def _server_command(spec: ServerSpec, work: Path, databases: dict[str, str]) -> list[str]:
+def _server_command(spec: ServerSpec, work: Path, databases: dict[str, str],
+                    proxies: dict[float, int]) -> list[str]:
     if spec.kind in ("wsgi", "flask", "booth"):
         return [sys.executable, "-m", "bench.hello", spec.kind, "--port", "0"]
     store = spec.store
     if store.startswith("sqlite:"):
         store = f"sqlite:///{work / (store.split(':', 1)[1] + '.db')}"
-    elif store.startswith("postgres:"):
+    elif spec.on_postgres:
         store = databases[store]
+        if spec.delay_ms is not None:  # the same database, through the proxy's port
+            parts = urlsplit(store)
+            store = urlunsplit(parts._replace(
+                netloc=f"{parts.username}@127.0.0.1:{proxies[spec.delay_ms]}"))
     return [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", "0",
             "--store", store, "--tickets", str(spec.tickets), "--access-log", "plain",
             "--log-level", "info"]
@@ -333,6 +398,13 @@ def _others(result: Run) -> str:
     if result.foreign_load_cpu is not None:
         shown += f"/{result.foreign_load_cpu:.2f}"
     return shown
+
+
+def _per_sale(result: Run) -> str:
+    if result.db_us_per_sale is None:
+        return ""
+    return (f" ({result.service_us_per_sale:,.0f} us/sale, PostgreSQL "
+            f"{result.db_us_per_sale:,.0f} us/sale)")
 
 
 def _children_cpu_seconds(*, user_only: bool = False) -> float:
@@ -363,6 +435,9 @@ class Bench:
         self.work = _reset(self.out / "work")
         stack.callback(shutil.rmtree, self.work, True)
         self.servers: dict[str, ServerProcess] = {}
+        #: The delay proxies, by their delay in ms: one each, shared by the servers using it.
+        self.proxies: dict[float, ServerProcess] = {}
+        self.postgres_port = 0
         self.measurements = selected_measurements(args.only)
         self.measured = {m.name: Measured(m.name, m.title, m.tool, len(m.servers), note=m.note,
                                           noise_limit=args.noise_limit)
@@ -374,8 +449,7 @@ class Bench:
     # --- servers ----------------------------------------------------------------------
 
     def _postgres(self, needed: set[str]) -> dict[str, str]:
-        stores = sorted({SERVERS[n].store for n in needed
-                         if SERVERS[n].store.startswith("postgres:")})
+        stores = sorted({SERVERS[n].store for n in needed if SERVERS[n].on_postgres})
         if not stores:
             return {}
         from tests.support.pg import PostgresServer, PostgresUnavailable
@@ -388,17 +462,36 @@ class Bench:
             self.postgres_version = server.bindir.parent.name
             pid_file = (server.data / "postmaster.pid").read_text().split()
             self.postmaster = int(pid_file[0]) if pid_file else 0
+            self.postgres_port = server.port
             return {store: server.new_database() for store in stores}
         except PostgresUnavailable as exc:
             raise BenchError(f"PostgreSQL cannot be had: {exc}") from exc
 
+    def _start_proxies(self, needed: set[str]) -> dict[float, int]:
+        """One delay proxy per delay in use, on the load's CPU (it stands for the network,
+        not for the servers' machine); answers each one's port."""
+        delays = sorted({d for n in needed if (d := SERVERS[n].delay_ms) is not None})
+        for delay in delays:
+            name = f"delayproxy-{delay:g}ms"
+            _say(f"bench: starting {name} to PostgreSQL")
+            command = self.pinning.load([
+                sys.executable, "-m", "bench.delayproxy", "--delay-ms", f"{delay:g}",
+                "--target", f"127.0.0.1:{self.postgres_port}"])
+            proc = ServerProcess(name, command, self.logs)
+            self.stack.callback(proc.stop)
+            proc.start()
+            self.proxies[delay] = proc
+        return {delay: port_of(proc.wait_listening()) for delay, proc in self.proxies.items()}
+
     def start_servers(self) -> None:
         needed = {s for m in self.measurements for s in m.servers}
         databases = self._postgres(needed)
+        proxies = self._start_proxies(needed)
         names = [n for n in SERVERS if n in needed]
         _say(f"bench: starting {len(names)} servers: {', '.join(names)}")
         for name in names:
-            command = self.pinning.server(_server_command(SERVERS[name], self.work, databases))
+            command = self.pinning.server(_server_command(SERVERS[name], self.work, databases,
+                                                          proxies))
             proc = ServerProcess(name, command, self.logs)
             self.stack.callback(proc.stop)
             proc.start()
@@ -407,7 +500,13 @@ class Bench:
             proc.wait_listening()
             proc.probe("/" if SERVERS[name].kind != "service" else "/healthz")
 
+    def _proxies_of(self, m: Measurement) -> list[ServerProcess]:
+        return [self.proxies[d] for d in {SERVERS[n].delay_ms for n in m.servers}
+                if d is not None]
+
     def urls(self, m: Measurement) -> list[str]:
+        for proxy in self._proxies_of(m):
+            proxy.check_alive()
         for name in m.servers:
             self.servers[name].check_alive()
         return [self.servers[name].url for name in m.servers]
@@ -420,6 +519,13 @@ class Bench:
         if self.postmaster:
             total += tree_cpu_seconds(self.postmaster, user_only=True)
         return total
+
+    def _proxy_seconds(self, *, user_only: bool = False) -> float:
+        """CPU used so far by every delay proxy (idle ones too): on the load's CPU."""
+        return sum(p.cpu_seconds(user_only=user_only) for p in self.proxies.values())
+
+    def _db_seconds(self) -> float:
+        return tree_cpu_seconds(self.postmaster) if self.postmaster else 0.0
 
     def _load(self, m: Measurement, duration: int, rate: float | None = None, *,
               warm_up: bool = False) -> Run:
@@ -444,10 +550,14 @@ class Bench:
         urls = self.urls(m)
         servers = [self.servers[name] for name in m.servers]
         cores = self.pinning.cores
+        proxies = self._proxies_of(m)
         served_before = sum(s.cpu_seconds() for s in servers)
-        load_before = _children_cpu_seconds()
+        proxy_before = sum(p.cpu_seconds() for p in proxies)
+        db_before = self._db_seconds()
+        load_before = _children_cpu_seconds() + self._proxy_seconds()
         side_before = self._server_side_user_seconds()
-        load_user_before = _children_cpu_seconds(user_only=True)
+        load_user_before = _children_cpu_seconds(user_only=True) + self._proxy_seconds(
+            user_only=True)
         user_before = ([user_cpu_seconds([c]) for c in cores] if cores
                        else [user_cpu_seconds(None)])
         started = time.monotonic()
@@ -465,13 +575,25 @@ class Bench:
             [user_cpu_seconds([c]) for c in cores] if cores else [user_cpu_seconds(None)],
             user_before, strict=True)]
         served = sum(s.cpu_seconds() for s in servers) - served_before
-        loaded = _children_cpu_seconds() - load_before
+        proxied = sum(p.cpu_seconds() for p in proxies) - proxy_before
+        db = self._db_seconds() - db_before
+        loaded = _children_cpu_seconds() + self._proxy_seconds() - load_before
         side = self._server_side_user_seconds() - side_before
-        load_user = _children_cpu_seconds(user_only=True) - load_user_before
+        load_user = (_children_cpu_seconds(user_only=True) + self._proxy_seconds(user_only=True)
+                     - load_user_before)
         if not wall:
             return result
         result.server_cpu = round(served / result.seconds, 3) if result.seconds else None
         result.load_cpu = round(loaded / wall, 3)
+        on_postgres = any(SERVERS[n].on_postgres for n in m.servers)
+        if proxies:
+            result.proxy_cpu = round(proxied / wall, 3)
+        if on_postgres:
+            result.db_cpu = round(db / wall, 3)
+        if result.sales and all(SERVERS[n].kind == "service" for n in m.servers):
+            result.service_us_per_sale = round(served / result.sales * 1e6, 1)
+            if on_postgres:
+                result.db_us_per_sale = round(db / result.sales * 1e6, 1)
         # Others' user CPU: the CPU's user time less the bench's own processes' there.
         if cores:  # servers and PostgreSQL on the first CPU, the load on the second
             result.foreign_cpu = round(max(0.0, (user[0] - side) / wall), 3)
@@ -530,9 +652,10 @@ class Bench:
         self.measured[m.name].offer(result, self.args.repeat)
         extra = f" at {result.rate:,.0f} asked" if result.rate is not None else ""
         bad = f", {result.non_2xx} not 2xx" if result.non_2xx else ""
-        _say(f"bench: [{rep}] {m.name:<12} {result.rps:9,.0f} req/s"
+        _say(f"bench: [{rep}] {m.name:<17} {result.rps:9,.0f} req/s"
              f"{extra}  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  server CPU "
-             f"{result.server_cpu or 0:.2f}  others' CPU {_others(result)}{bad}")
+             f"{result.server_cpu or 0:.2f}{_per_sale(result)}  others' CPU "
+             f"{_others(result)}{bad}")
 
 
 def _machine(pinning: Pinning, out: Path, wrk: str) -> dict[str, Any]:

@@ -20,16 +20,18 @@ import pytest
 
 from bench.load import Run, run_wrk, write_wrk_script
 from bench.procs import detect_pinning
-from bench.report import CheckSpec, Measured, evaluate
-from bench.runner import CHECKS, SMOKE, run
+from bench.report import PER_SALE, CheckSpec, Measured, evaluate, format_markdown
+from bench.runner import CHECKS, MEASUREMENTS, SERVERS, SMOKE, ServerSpec, _server_command, run
 from loadtest.booths import PURCHASE_CONTENT_TYPE, purchase_body
 
 ROOT = Path(__file__).resolve().parent.parent
+CPU_FIELDS = {"server_cpu", "load_cpu", "db_cpu", "proxy_cpu", "service_us_per_sale",
+              "db_us_per_sale"}
 RUN_FIELDS = {"tool", "requests", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms",
-              "errors", "non_2xx", "server_cpu", "load_cpu", "foreign_cpu", "retries"}
+              "errors", "non_2xx", "foreign_cpu", "retries", *CPU_FIELDS}
 MEASUREMENT_FIELDS = {"name", "title", "tool", "repetitions", "median_rps", "min_rps",
-                      "max_rps", "p50_ms", "p99_ms", "server_cpu", "load_cpu", "foreign_cpu_max",
-                      "noisy", "remarks", "runs", "discarded_runs"}
+                      "max_rps", "p50_ms", "p99_ms", "foreign_cpu_max", "noisy", "remarks",
+                      "runs", "discarded_runs", *CPU_FIELDS}
 
 
 @pytest.mark.timeout(180)
@@ -56,6 +58,9 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
         assert m["median_rps"] > 0
         assert set(m["runs"][0]) >= RUN_FIELDS
         assert m["runs"][0]["tool"] == "wrk"
+        assert m["db_cpu"] is None and m["db_us_per_sale"] is None  # no PostgreSQL here
+    assert measurements["memory"]["service_us_per_sale"] > 0
+    assert measurements["flask-hello"]["service_us_per_sale"] is None  # a hello sells nothing
     checks = {c["name"]: c for c in result["checks"]}
     assert set(checks) == {c.name for c in CHECKS}
     ratio = checks["memory-vs-flask"]
@@ -94,6 +99,53 @@ def test_ratios_are_ratios_of_medians_with_verdicts() -> None:
     assert checks["na"].verdict == "n/a" and checks["na"].value is None
     assert checks["p99-miss"].verdict == "MISS" and checks["p99-miss"].value == 12.0
     assert checks["p99-pass"].verdict == "PASS"
+
+
+def test_every_check_compares_measurements_that_exist() -> None:
+    names = {m.name for m in MEASUREMENTS}
+    for check in CHECKS:
+        assert check.numerator in names, check
+        assert check.denominator is None or check.denominator in names, check
+        assert check.floor is None or check.floor in names, check
+    for m in MEASUREMENTS:
+        assert set(m.servers) <= set(SERVERS), m
+
+
+def test_only_postgresql_is_reached_through_the_delay_proxy() -> None:
+    proxied = {n: s for n, s in SERVERS.items() if s.delay_ms is not None}
+    assert {s.delay_ms for s in proxied.values()} == {0.0, 1.0}
+    assert all(s.on_postgres for s in proxied.values())
+
+
+def test_a_server_behind_the_proxy_reaches_its_database_on_the_proxys_port(
+        tmp_path: Path) -> None:
+    databases = {"postgres:3": "postgresql://postgres@127.0.0.1:5432/tb_3"}
+    proxies = {1.0: 6001, 0.0: 6000}
+
+    def store(spec: ServerSpec) -> str:
+        command = _server_command(spec, tmp_path, databases, proxies)
+        return command[command.index("--store") + 1]
+
+    assert store(ServerSpec("service", "postgres:3")) == databases["postgres:3"]
+    assert store(ServerSpec("service", "postgres:3", delay_ms=1.0)) == (
+        "postgresql://postgres@127.0.0.1:6001/tb_3")
+    assert store(ServerSpec("service", "postgres:3", delay_ms=0.0)) == (
+        "postgresql://postgres@127.0.0.1:6000/tb_3")
+
+
+def test_cpu_per_sale_is_the_median_of_the_runs_service_then_database() -> None:
+    pg, sqlite, sold_out = _measured("pg", 1, 2, 3), _measured("sq", 1, 2), _measured("so", 1)
+    for one, service, db in zip(pg.runs, (300.0, 400.0, 365.0), (40.0, 30.0, 34.0),
+                                strict=True):
+        one.service_us_per_sale, one.db_us_per_sale = service, db
+    for one, service in zip(sqlite.runs, (80.0, 98.0), strict=True):
+        one.service_us_per_sale = service
+    table = format_markdown([pg, sqlite, sold_out], [], 3).splitlines()
+    assert PER_SALE in table[0]
+    column = table[0].split(" | ").index(PER_SALE)
+    assert [row.split(" | ")[column] for row in table[2:5]] == ["365/34", "89", "-"]
+    assert pg.as_json()["db_us_per_sale"] == 34.0 and sold_out.as_json()[
+        "service_us_per_sale"] is None
 
 
 def test_wrk_script_spreads_threads_over_ports(tmp_path: Path) -> None:

@@ -1,0 +1,128 @@
+"""The bench's delay proxy (``bench/delayproxy.py``), run as the bench runs it: its own
+process, between two sockets of this test on 127.0.0.1.
+
+Its behaviour is a time: every chunk arrives no sooner than D after it was sent, and
+chunks sent in a row are not held back one D after another. Both are asserted as bounds,
+because those bounds are what the proxy is for.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.load import port_of
+from bench.procs import ServerProcess
+
+DELAY_S = 0.05
+#: Chunks sent one after another, GAP_S apart (less than the delay, so several are on
+#: their way at once).
+CHUNKS = 10
+GAP_S = 0.005
+
+
+@pytest.fixture
+def link(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(client, upstream): a connection through a proxy delaying each way by DELAY_S."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+        proxy = ServerProcess("delayproxy", [
+            sys.executable, "-m", "bench.delayproxy", "--target", f"127.0.0.1:{port}",
+            "--delay-ms", str(DELAY_S * 1000)], tmp_path)
+        proxy.start()
+        try:
+            address = ("127.0.0.1", port_of(proxy.wait_listening()))
+            with socket.create_connection(address, timeout=10) as client:
+                upstream, _ = listener.accept()
+                with upstream:
+                    upstream.settimeout(10)
+                    yield client, upstream
+        finally:
+            proxy.stop()
+
+
+def _send_paced(sender: socket.socket, receiver: socket.socket,
+                chunks: list[bytes]) -> tuple[list[float], list[tuple[float, bytes]]]:
+    """Send ``chunks`` GAP_S apart; answers when each was sent, and what arrived when."""
+    total = sum(map(len, chunks))
+    arrived: list[tuple[float, bytes]] = []
+
+    def receive() -> None:
+        got = 0
+        while got < total:
+            data = receiver.recv(1 << 16)
+            if not data:
+                return
+            arrived.append((time.monotonic(), data))
+            got += len(data)
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    sent = []
+    for chunk in chunks:
+        sent.append(time.monotonic())
+        sender.sendall(chunk)
+        time.sleep(GAP_S)  # pacing, so that chunks travel separately: not synchronisation
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    return sent, arrived
+
+
+def _first_arrival(arrived: list[tuple[float, bytes]], offset: int) -> float:
+    """When the byte at ``offset`` of the stream arrived."""
+    seen = 0
+    for when, data in arrived:
+        seen += len(data)
+        if seen > offset:
+            return when
+    raise AssertionError(f"byte {offset} never arrived")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("direction", ["to the server", "back to the client"])
+def test_bytes_pass_unchanged_in_order_each_at_least_the_delay_late(
+        link: tuple[socket.socket, socket.socket], direction: str) -> None:
+    client, upstream = link
+    sender, receiver = (client, upstream) if direction == "to the server" else (upstream,
+                                                                               client)
+    chunks = [os.urandom(size) for size in (1, 100, 5000, 200_000, 7, 64 * 1024, 3, 1,
+                                            10_000, 42)]
+    assert len(chunks) == CHUNKS
+    sent, arrived = _send_paced(sender, receiver, chunks)
+    assert b"".join(data for _, data in arrived) == b"".join(chunks)
+    offset = 0
+    for chunk, when in zip(chunks, sent, strict=True):
+        # No byte arrives sooner than the delay after it was sent: the delay IS the proxy's
+        # behaviour, so this bound on a time is what is tested.
+        assert _first_arrival(arrived, offset) - when >= DELAY_S
+        offset += len(chunk)
+    # A generous upper bound that is the behaviour too: chunks are delayed side by side, not
+    # one after another (a proxy that slept DELAY_S per chunk in turn would take at least
+    # CHUNKS * DELAY_S for the last one; here it is about CHUNKS * GAP_S + DELAY_S).
+    assert arrived[-1][0] - sent[0] < CHUNKS * DELAY_S
+
+
+@pytest.mark.timeout(60)
+def test_an_end_of_stream_is_passed_on_after_the_data(
+        link: tuple[socket.socket, socket.socket]) -> None:
+    client, upstream = link
+    client.sendall(b"last words")
+    client.shutdown(socket.SHUT_WR)
+    received = b""
+    while data := upstream.recv(1024):  # bounded: the socket times out after 10 s
+        received += data
+    assert received == b"last words"
+    upstream.sendall(b"still heard")  # a half-close: the other way stays open
+    upstream.close()
+    answer = b""
+    while data := client.recv(1024):
+        answer += data
+    assert answer == b"still heard"
