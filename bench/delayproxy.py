@@ -15,9 +15,14 @@ its own cost. It runs until it is signalled (SIGTERM ends it).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import signal
+import socket
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
+from types import FrameType
 
 from loadtest.argtypes import non_negative_float, non_negative_int
 
@@ -35,8 +40,56 @@ def parse_target(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _Direction:
+    """One direction of one connection: a reader thread stamps and queues each chunk, a
+    writer thread sends it at its due time. Threads, not an event loop, because an event
+    loop's timers wake on whole milliseconds (epoll), which would add most of a millisecond
+    to every delay; ``time.sleep`` wakes within tens of microseconds."""
+
+    def __init__(self, source: socket.socket, sink: socket.socket, delay_s: float,
+                 closed: threading.Event) -> None:
+        self.source, self.sink, self.delay_s, self.closed = source, sink, delay_s, closed
+        self.queue: deque[tuple[float, bytes]] = deque()
+        self.ready = threading.Condition()
+        self.threads = [threading.Thread(target=self._read, daemon=True),
+                        threading.Thread(target=self._write, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.source.recv(CHUNK)
+            except OSError:
+                data = b""
+                self.closed.set()  # a reset or error on either side closes both
+            with self.ready:
+                # An end of stream is queued too, so it is delayed like data.
+                self.queue.append((time.monotonic() + self.delay_s, data))
+                self.ready.notify()
+            if not data:
+                return
+
+    def _write(self) -> None:
+        while True:
+            with self.ready:
+                while not self.queue:
+                    self.ready.wait()
+                due, data = self.queue.popleft()
+            while (wait := due - time.monotonic()) > 0:  # never early
+                time.sleep(wait)
+            try:
+                if not data:
+                    self.sink.shutdown(socket.SHUT_WR)  # the half-close passes on
+                    return
+                self.sink.sendall(data)
+            except OSError:
+                self.closed.set()
+                return
+
+
 class DelayProxy:
-    """Forward connections on ``listen`` to ``target``, each chunk ``delay_s`` late."""
+    """Forward connections to ``target``, each chunk ``delay_s`` late in each direction."""
 
     def __init__(self, target: tuple[str, int], delay_s: float) -> None:
         if delay_s < 0:
@@ -44,64 +97,31 @@ class DelayProxy:
         self.target = target
         self.delay_s = delay_s
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
-        return await asyncio.start_server(self._client, host, port)
+    def serve(self, listener: socket.socket) -> None:
+        """Accept clients for ever, one thread to look after each."""
+        while True:
+            client, _ = listener.accept()
+            threading.Thread(target=self._client, args=(client,), daemon=True).start()
 
-    async def _client(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    def _client(self, client: socket.socket) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            upstream = socket.create_connection(self.target)
         except OSError:
-            writer.close()
+            client.close()
             return
-        pumps = [asyncio.create_task(self._pump(reader, up_writer)),
-                 asyncio.create_task(self._pump(up_reader, writer))]
-        try:
-            # Both directions end (a half-close passes on); an error in one ends both.
-            for done in asyncio.as_completed(pumps):
-                try:
-                    await done
-                except (OSError, asyncio.IncompleteReadError):
-                    break
-        finally:
-            for task in pumps:
-                task.cancel()
-            for w in (writer, up_writer):
-                w.close()
-                with contextlib.suppress(OSError):
-                    await w.wait_closed()
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        """One direction: the reader stamps and queues, the writer waits for each due time."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def read() -> None:
-            try:
-                while True:
-                    data = await source.read(CHUNK)
-                    queue.put_nowait((loop.time() + self.delay_s, data))
-                    if not data:  # end of stream: queued too, so it is delayed like data
-                        return
-            except OSError:
-                queue.put_nowait((0.0, b""))  # a reset ends the writer at once ...
-                raise  # ... and is raised by it (await reading)
-
-        reading = asyncio.create_task(read())
-        try:
-            while True:
-                due, data = await queue.get()
-                while (wait := due - loop.time()) > 0:  # never early, whatever the timer
-                    await asyncio.sleep(wait)
-                if not data:
-                    if sink.can_write_eof():
-                        sink.write_eof()
-                    break
-                sink.write(data)
-                await sink.drain()
-            await reading
-        finally:
-            reading.cancel()
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        closed = threading.Event()
+        directions = [_Direction(client, upstream, self.delay_s, closed),
+                      _Direction(upstream, client, self.delay_s, closed)]
+        # Both directions end (each passes its end of stream on), or an error ends both.
+        while not closed.wait(0.5):
+            if not any(t.is_alive() for d in directions for t in d.threads):
+                break
+        for sock in (client, upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,19 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    server = await DelayProxy(args.target, args.delay_ms / 1000).start(port=args.port)
-    port = server.sockets[0].getsockname()[1]
-    print(f"delayproxy: {args.delay_ms:g} ms each way to {args.target[0]}:{args.target[1]}, "
-          f"listening on tcp://127.0.0.1:{port}", flush=True)
-    async with server:
-        await server.serve_forever()
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends it as Ctrl-C does
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args))
+    listener = socket.create_server(("127.0.0.1", args.port))
+    port = listener.getsockname()[1]
+    print(f"delayproxy: {args.delay_ms:g} ms each way to {args.target[0]}:{args.target[1]}, "
+          f"listening on tcp://127.0.0.1:{port}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt), listener:
+        DelayProxy(args.target, args.delay_ms / 1000).serve(listener)
     return 0
 
 

@@ -416,7 +416,7 @@ class _WriterConnection:
         conn = self._connection()
         try:
             cursor = conn.execute(sql, params)
-            return cursor.fetchall() if cursor.description is not None else []
+            return cursor.fetchall() if cursor.description else []
         except psycopg.Error as error:
             log.warning("PostgreSQL at %s failed: %s", self._where, _one_line(error))
             if conn.broken:
