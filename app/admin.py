@@ -61,7 +61,7 @@ def register_admin(app: Flask, token: str, store: Store, telemetry: Telemetry) -
                              f"tickets must be between 1 and {MAX_RESTOCK}, got {tickets}")
         counts = store.restock(tickets)
         return json_response({"added": tickets, "total": counts.total, "sold": counts.sold,
-                              "remaining": counts.remaining})
+                              "held": counts.held, "remaining": counts.remaining})
 
     @app.get("/admin/stats")
     @require_token
@@ -71,6 +71,8 @@ def register_admin(app: Flask, token: str, store: Store, telemetry: Telemetry) -
             "total": counts.total,
             "sold": counts.sold,
             "remaining": counts.remaining,
+            "held": counts.held,
+            "holds_by_this_instance": telemetry.hold_outcomes(),
             "sold_by_this_instance": telemetry.total("ticketbooth_tickets_sold_total"),
             "sold_last_minute": telemetry.sales_rate.last_minute(),
             "idempotent_replays": telemetry.total("ticketbooth_idempotent_replays_total"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime
 from importlib import resources
 
 from flask import Flask, Response
@@ -13,27 +12,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import NotFound
 
 from app.admin import register_admin
-from app.errors import json_response, register_error_handlers
+from app.errors import json_response, register_error_handlers, rfc3339
+from app.holds import register_holds
 from app.hotpath import HotPath
 from app.inventory import Booth, Store
 from app.parking import PARK_EXTENSION, WITHDRAW_EXTENSION
 from app.settings import Settings
 from app.telemetry import Telemetry, TelemetryMiddleware
 
-__all__ = ["create_app", "describe_openapi", "rfc3339"]
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+__all__ = ["create_app", "describe_openapi"]
 
 
 def describe_openapi(openapi: str, settings: Settings) -> bytes:
     """The packaged OpenAPI description, with this server's quantity cap filled in."""
     document = json.loads(openapi)
     buy = document["paths"]["/buy"]["post"]
+    schemas = document["components"]["schemas"]
     for schema in (buy["parameters"][0]["schema"],
-                   document["components"]["schemas"]["BuyRequest"]["properties"]["quantity"]):
+                   schemas["BuyRequest"]["properties"]["quantity"],
+                   schemas["HoldRequest"]["properties"]["quantity"]):
         schema["maximum"] = settings.max_per_request
+    schemas["HoldRequest"]["properties"]["ttl_s"]["maximum"] = settings.max_hold_ttl
     return json.dumps(document).encode()
 
 
@@ -46,7 +45,8 @@ def create_app(settings: Settings, store: Store,
     status_page = package.joinpath("static/status.html").read_bytes()
     openapi = describe_openapi(package.joinpath("openapi.json").read_text(), settings)
     telemetry = Telemetry(store, settings.access_log, settings.log_level, clock)
-    booth = Booth(store, settings.max_per_request)
+    booth = Booth(store, settings.max_per_request, hold_ttl=settings.hold_ttl,
+                  max_hold_ttl=settings.max_hold_ttl)
     # Outermost first: telemetry times everything; the hot path answers /buy and /remaining;
     # Flask answers the rest.
     hot = HotPath(app.wsgi_app, booth, store, telemetry, settings.max_body_bytes)
@@ -76,6 +76,7 @@ def create_app(settings: Settings, store: Store,
     def metrics() -> Response:
         return Response(generate_latest(telemetry.registry), content_type=CONTENT_TYPE_LATEST)
 
+    register_holds(app, booth, telemetry)
     register_admin(app, settings.admin_token, store, telemetry)
 
     @app.get("/healthz")

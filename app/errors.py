@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime
 from typing import Any
 
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from app.inventory import (
+    HoldConfirmed,
+    HoldExpired,
+    HoldNotFound,
+    HoldReleased,
     IdempotencyKeyInFlight,
     IdempotencyKeyReuse,
+    InvalidHoldTtl,
     InvalidQuantity,
     OutcomeUnknown,
     SoldOut,
@@ -24,7 +30,7 @@ from app.inventory import (
 )
 
 __all__ = ["JSON", "BadRequest", "HttpError", "error_parts", "json_bytes", "json_response",
-           "register_error_handlers"]
+           "register_error_handlers", "rfc3339"]
 
 log = logging.getLogger("ticketbooth")
 
@@ -55,6 +61,11 @@ class BadRequest(HttpError):
 _DOMAIN_STATUS: tuple[tuple[type[TicketboothError], int, str], ...] = (
     (SoldOut, 409, "sold_out"),
     (InvalidQuantity, 400, "invalid_quantity"),
+    (InvalidHoldTtl, 400, "invalid_ttl"),
+    (HoldNotFound, 404, "not_found"),
+    (HoldExpired, 410, "hold_expired"),
+    (HoldReleased, 409, "hold_released"),
+    (HoldConfirmed, 409, "hold_confirmed"),
     (IdempotencyKeyInFlight, 409, "idempotency_key_in_flight"),
     (IdempotencyKeyReuse, 422, "idempotency_key_reuse"),
     (StoreUnavailable, 503, "store_unavailable"),
@@ -69,6 +80,10 @@ _HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def json_bytes(body: Any) -> bytes:

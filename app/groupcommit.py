@@ -28,10 +28,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
 
-from app.inventory import Counts, Outcome, OutcomeUnknown, Sale, StoreUnavailable
+from app.inventory import (
+    Counts,
+    Hold,
+    Outcome,
+    OutcomeUnknown,
+    Sale,
+    StoreUnavailable,
+    new_hold_id,
+)
 
-__all__ = ["Batch", "GroupCommit", "GroupCommitted", "Order"]
+__all__ = ["Batch", "GroupCommit", "GroupCommitted", "Order", "OrderKind"]
 
 log = logging.getLogger("ticketbooth")
 
@@ -42,18 +51,28 @@ log = logging.getLogger("ticketbooth")
 #: never waits.
 BUSY_BATCH = 16
 GATHER_S = 0.0005
+#: With no orders coming, the writer still runs the store's housekeeping (expiring holds,
+#: forgetting old keys) this often.
+IDLE_S = 0.5
+
+OrderKind: TypeAlias = Literal["sell", "restock", "hold", "confirm", "release"]
 
 
 @dataclass(slots=True, eq=False)  # eq=False: orders are compared by identity
 class Order:
-    """One request's order: a sale of ``quantity`` (with an idempotency ``key``), or a
-    restock of ``quantity`` tickets."""
+    """One request's order: a sale of ``quantity`` (with an idempotency ``key``), a
+    restock of ``quantity`` tickets, a new hold of ``quantity`` for ``ttl`` seconds (with
+    its new ``hold_id`` and maybe a ``key``), or the confirm or release of hold ``hold_id``.
+    """
 
     quantity: int
     key: str | None = None
-    restock: bool = False
-    #: Set by the backend: the sale, the counts after a restock, or the order's error.
-    result: Sale | Counts | Exception | None = None
+    kind: OrderKind = "sell"
+    hold_id: str | None = None
+    ttl: float = 0.0
+    #: Set by the backend: the sale (a confirm's too), the counts after a restock, the
+    #: hold (new or released), or the order's error.
+    result: Sale | Counts | Hold | Exception | None = None
     #: A parked request's callback, told the outcome; None when a thread waits on ``done``
     #: (held until then: the cheapest wake-up there is, one futex, shared with no one).
     callback: Callable[[Outcome], None] | None = None
@@ -73,7 +92,7 @@ def _held_lock() -> threading.Lock:
     return lock
 
 
-def _tell(order: Order, result: Sale | Counts | Exception | None = None) -> None:
+def _tell(order: Order, result: Sale | Counts | Hold | Exception | None = None) -> None:
     """Give an order its outcome (``result``, else what the backend set); once only, which
     the caller makes sure of. A caller's bug must not stop the writer."""
     if result is not None:
@@ -132,7 +151,7 @@ class GroupCommit:
         with self._lock:
             return len(self._pending)
 
-    def submit(self, order: Order) -> Sale | Counts:
+    def submit(self, order: Order) -> Sale | Counts | Hold:
         """Queue ``order`` and wait for its outcome; raise the error it ended in."""
         order.done = _held_lock()
         self.enqueue(order)
@@ -182,20 +201,23 @@ class GroupCommit:
         last = 0  # orders in the last batch
         while True:
             with self._lock:
-                while not self._pending and not self._closed:
-                    self._wake.wait()
+                if not self._pending and not self._closed:
+                    self._wake.wait(IDLE_S)
                 if last >= BUSY_BATCH and len(self._pending) < BUSY_BATCH and not self._closed:
                     self._wake.wait(GATHER_S)  # woken early by the BUSY_BATCH-th order
                 batch, self._pending = self._pending, []
                 self._batch = batch
+                closed = self._closed
             last = len(batch)
-            if not batch:  # closed, and nothing left to commit
+            if not batch and closed:  # nothing left to commit
                 return
             if self._housekeeping is not None:
                 try:
                     self._housekeeping()
                 except Exception:
                     log.exception("store housekeeping failed")
+            if not batch:  # idle: housekeeping only
+                continue
             self._commit_batch(batch)
             with self._lock:
                 self._batch = []
@@ -268,3 +290,18 @@ class GroupCommitted:
 
     def withdraw_pending(self) -> int:
         return self._orders.withdraw_all()
+
+    def hold(self, quantity: int, ttl: float, key: str | None = None) -> Hold:
+        result = self._orders.submit(Order(quantity, key, "hold", new_hold_id(), ttl))
+        assert isinstance(result, Hold)
+        return result
+
+    def confirm(self, hold_id: str) -> Sale:
+        result = self._orders.submit(Order(0, None, "confirm", hold_id))
+        assert isinstance(result, Sale)
+        return result
+
+    def release(self, hold_id: str) -> Hold:
+        result = self._orders.submit(Order(0, None, "release", hold_id))
+        assert isinstance(result, Hold)
+        return result

@@ -24,7 +24,7 @@ from app.inventory import Booth, Sale, Store, TicketboothError
 from app.parking import ENVIRON_KEY, Parking
 from app.telemetry import Telemetry
 
-__all__ = ["ROUTES", "HotPath"]
+__all__ = ["ROUTES", "HotPath", "sale_document"]
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -35,9 +35,10 @@ _STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in H
 _REPLAYED: Headers = [("Idempotent-Replayed", "true")]
 
 
-def _sale_body(sale: Sale) -> bytes:
-    return json_bytes({"tickets": [{"serial": serial} for serial in sale.serials],
-                       "remaining": sale.remaining})
+def sale_document(sale: Sale) -> dict[str, Any]:
+    """What a sale answers (POST /buy, and a hold's confirm)."""
+    return {"tickets": [{"serial": serial} for serial in sale.serials],
+            "remaining": sale.remaining}
 
 
 class HotPath:
@@ -112,9 +113,9 @@ class HotPath:
                                         environ.get("HTTP_IDEMPOTENCY_KEY"))
             sale = self.booth.buy(quantity, key)
         if sale.replayed:
-            return 200, list(_REPLAYED), _sale_body(sale)
+            return 200, list(_REPLAYED), json_bytes(sale_document(sale))
         self.telemetry.sold(len(sale.serials))
-        return 200, [], _sale_body(sale)
+        return 200, [], json_bytes(sale_document(sale))
 
     def _order(self, query: str, content_type: str, content_length: str | None,
                body: BinaryIO, key_header: str | None) -> tuple[int, str | None]:
@@ -127,7 +128,7 @@ class HotPath:
     def _remaining(self, environ: dict[str, Any]) -> tuple[int, Headers, bytes]:
         counts = self.store.counts()
         return 200, [], json_bytes({"remaining": counts.remaining, "sold": counts.sold,
-                                    "total": counts.total})
+                                    "held": counts.held, "total": counts.total})
 
     def _body(self, content_length: str | None, body: BinaryIO) -> bytes:
         text = content_length or "0"

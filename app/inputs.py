@@ -13,12 +13,13 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from app.errors import BadRequest
 
-__all__ = ["idempotency_key", "integer_from_json", "integer_from_query", "json_object",
-           "requested_quantity"]
+__all__ = ["hold_request", "idempotency_key", "integer_from_json", "integer_from_query",
+           "json_object", "requested_quantity"]
 
 _INTEGER = re.compile(r"-?[0-9]{1,30}")
 _KEY_CHARS = re.compile(r"[\x20-\x7e]{1,255}")
 _BUY_FIELDS = frozenset({"quantity"})
+_HOLD_FIELDS = frozenset({"quantity", "ttl_s"})
 
 
 def json_object(body: bytes, mimetype: str, fields: frozenset[str]) -> dict[str, Any]:
@@ -65,6 +66,16 @@ def requested_quantity(queried: list[str], body: bytes, mimetype: str) -> int:
     if queried:
         return integer_from_query("quantity", queried[0], "invalid_quantity")
     return 1
+
+
+def hold_request(body: bytes, mimetype: str) -> tuple[int, int | None]:
+    """POST /holds's quantity (default 1) and ttl_s (None: the server's default)."""
+    document = json_object(body, mimetype, _HOLD_FIELDS)
+    quantity = (integer_from_json("quantity", document["quantity"], "invalid_quantity")
+                if "quantity" in document else 1)
+    ttl = (integer_from_json("ttl_s", document["ttl_s"], "invalid_ttl")
+           if "ttl_s" in document else None)
+    return quantity, ttl
 
 
 def idempotency_key(header: str | None) -> str | None:

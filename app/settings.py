@@ -47,8 +47,12 @@ class Settings:
     threads: int = _setting(4, "Worker threads in waitress's pool.", minimum=1, maximum=1024)
     tickets: int = _setting(100, "Stock of tickets (serials 1..N) when a store is created.",
                             minimum=0, maximum=10**12)
-    max_per_request: int = _setting(10, "Most tickets one POST /buy may buy.",
+    max_per_request: int = _setting(10, "Most tickets one POST /buy or POST /holds may take.",
                                     minimum=1, maximum=10_000)
+    hold_ttl: int = _setting(600, "Seconds a hold (POST /holds) lasts when the request gives "
+                             "no ttl_s.", minimum=1, maximum=86400)
+    max_hold_ttl: int = _setting(3600, "Longest ttl_s a POST /holds may ask for, in seconds "
+                                 "(at least --hold-ttl).", minimum=1, maximum=86400)
     max_body_bytes: int = _setting(1024, "Largest request body accepted, in bytes (else 413).",
                                    minimum=16, maximum=10 * 1024 * 1024)
     store: str = _setting("memory", "Where tickets live: memory, sqlite:///PATH, "
@@ -100,6 +104,11 @@ class Settings:
                                          minimum=0.05, maximum=100)
     log_level: str = _setting("info", "Least severe log level shown: debug, info, warning, "
                               "error.", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        if self.hold_ttl > self.max_hold_ttl:
+            raise SettingsError(f"--hold-ttl {self.hold_ttl} is longer than --max-hold-ttl "
+                                f"{self.max_hold_ttl}")
 
     def __repr__(self) -> str:  # never show a secret in a log or a traceback
         shown = []

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.inventory import Store
@@ -32,7 +32,10 @@ log = logging.getLogger("ticketbooth")
 # Known paths -> the endpoint label; anything else is "other" (keeps label values bounded).
 _ENDPOINTS = {path: path for path in (
     "/", "/buy", "/remaining", "/healthz", "/metrics", "/openapi.json", "/admin/restock",
-    "/admin/stats")}
+    "/admin/stats", "/holds")}
+#: Outcomes of holds, counted by the instance that decided them (expiries by the one that
+#: cleaned them up).
+HOLD_OUTCOMES = ("created", "confirmed", "released", "expired")
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                      2.5, 5.0, 10.0)
 
@@ -43,6 +46,8 @@ def endpoint_of(path: str) -> str:
         return endpoint
     if path.startswith("/tickets/"):
         return "/tickets/{serial}"
+    if path.startswith("/holds/"):
+        return "/holds/{id}/confirm" if path.endswith("/confirm") else "/holds/{id}"
     return "other"
 
 
@@ -74,17 +79,27 @@ class SalesRate:
 
 
 class _StockCollector(Collector):
-    """Stock gauges read from the store when scraped."""
+    """Stock gauges read from the store when scraped, and the outcomes of holds."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, telemetry: Telemetry) -> None:
         self._store = store
+        self._telemetry = telemetry
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         counts = self._store.counts()
         yield GaugeMetricFamily("ticketbooth_tickets_remaining", "Tickets left to sell.",
                                 value=counts.remaining)
         yield GaugeMetricFamily("ticketbooth_tickets_stock", "Tickets in stock, sold or not.",
                                 value=counts.total)
+        yield GaugeMetricFamily("ticketbooth_tickets_held",
+                                "Tickets in live holds (not confirmed, released or expired).",
+                                value=counts.held)
+        holds = CounterMetricFamily("ticketbooth_holds",
+                                    "Holds by outcome, as decided by this instance.",
+                                    labels=["outcome"])
+        for outcome, value in self._telemetry.hold_outcomes().items():
+            holds.add_metric([outcome], value)
+        yield holds
 
 
 class AccessLog:
@@ -146,7 +161,10 @@ class Telemetry:
                                          "Access log lines dropped because they could not be "
                                          "written.", registry=self.registry)
         self.access_log = AccessLog(log_fd, self.log_lines_dropped)
-        self.registry.register(_StockCollector(store))
+        self._store = store
+        self._holds = dict.fromkeys(HOLD_OUTCOMES[:-1], 0)
+        self._holds_lock = threading.Lock()
+        self.registry.register(_StockCollector(store, self))
         # Label lookups are slow next to the rest of a request: keep the children.
         self._request_children: dict[tuple[str, str, str], Any] = {}
         self._duration_children: dict[str, Any] = {}
@@ -162,6 +180,18 @@ class Telemetry:
             self.sales_rate.add(tickets)
         except Exception:
             log.exception("counting a sale of %d tickets failed", tickets)
+
+    def held(self, outcome: str) -> None:
+        """Count a hold created, confirmed or released here."""
+        with self._holds_lock:
+            self._holds[outcome] += 1
+
+    def hold_outcomes(self) -> dict[str, int]:
+        """Holds by outcome decided by this instance (expiries: cleaned up here)."""
+        with self._holds_lock:
+            outcomes = dict(self._holds)
+        outcomes["expired"] = self._store.holds_expired()
+        return outcomes
 
     def observe(self, method: str, path: str, query: str, status: str, seconds: float,
                 replayed: bool, remote: str) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import random
 import ssl
 import threading
 import time
@@ -45,6 +46,7 @@ import urllib3.connection
 import urllib3.exceptions
 import urllib3.util
 
+from loadtest import holdrun
 from loadtest.history import Reply, buy_until_answered
 from loadtest.stages import Schedule
 from loadtest.stats import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_SOLD_OUT, BoothStats
@@ -92,6 +94,8 @@ class LoadPlan:
     #: answer, for at most ``retry_for`` seconds (``--idempotent``, ``--faults``).
     idempotent: bool = False
     retry_for: float = 30.0
+    #: ``--scenario hold``: each purchase is a hold, then a confirm, release or nothing.
+    holds: holdrun.HoldPlan | None = None
 
     @property
     def until_sold_out(self) -> bool:
@@ -248,6 +252,13 @@ class _Booth:
         self.content_type = PURCHASE_CONTENT_TYPE
         self.body = body
         self.content_length = str(len(body))
+        self.base_path = self.path.removesuffix("/buy")
+        if plan.holds is not None:
+            self.path = self.base_path + "/holds"
+            self.body = json.dumps({"quantity": plan.quantity,
+                                    "ttl_s": plan.holds.ttl_s}).encode()
+            self.content_length = str(len(self.body))
+        self.rng = random.Random(index)
 
     def run(self) -> None:
         try:
@@ -320,19 +331,25 @@ class _Booth:
                 break
             slot += step
 
-    def _exchange(self, intended: float, key: str | None = None) -> Reply:
-        """Send one purchase on the booth's connection; its status and body, or the failure."""
+    def _exchange(self, intended: float, key: str | None = None,
+                  request: tuple[str, str] | None = None) -> Reply:
+        """Send one purchase (or ``request``, a method and path without a body) on the
+        booth's connection; its status and body, or the failure."""
         conn = self.conn
         try:
             if intended - self.last_done > _IDLE_CHECK_S and not conn.is_connected:
                 conn.close()  # closed by the server while idle (or never opened): reopen
-            conn.putrequest("POST", self.path, skip_host=True, skip_accept_encoding=True)
+            method, path = request or ("POST", self.path)
+            conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", self.host)
-            conn.putheader("Content-Type", self.content_type)
-            conn.putheader("Content-Length", self.content_length)
+            if request is None:
+                conn.putheader("Content-Type", self.content_type)
+                conn.putheader("Content-Length", self.content_length)
+            else:
+                conn.putheader("Content-Length", "0")
             if key is not None:
                 conn.putheader("Idempotency-Key", key)
-            conn.endheaders(self.body)
+            conn.endheaders(self.body if request is None else None)
             response = _getresponse(conn)
             body = response.read()  # read the whole body: the connection can be reused
         except _WIRE_ERRORS as exc:
@@ -347,6 +364,8 @@ class _Booth:
         """Send one purchase, record it, and answer its OUTCOME_*."""
         if self.control.plan.idempotent:
             return self._buy_keyed(intended)
+        if self.control.plan.holds is not None:
+            return self._hold(intended, self.control.plan.holds)
         st = self.stats
         status, body, failure, maybe_sent = self._exchange(intended)
         now = self.last_done
@@ -377,6 +396,84 @@ class _Booth:
             outcome = OUTCOME_ERROR
         st.record(now - self.control.origin, int((now - intended) * 1e6), outcome)
         return outcome
+
+    def _send(self, intended: float, request: tuple[str, str] | None = None
+              ) -> tuple[int | None, bytes, bool]:
+        """One request of the hold scenario, recorded: its status (None when it failed),
+        its body, and whether it may have reached the server."""
+        st = self.stats
+        status, body, failure, maybe_sent = self._exchange(intended, request=request)
+        now = self.last_done
+        if status is None:
+            st.errors[failure] += 1
+            outcome = OUTCOME_ERROR
+        else:
+            st.status_counts[status] += 1
+            outcome = OUTCOME_OK if status < 400 or status == 410 else OUTCOME_ERROR
+            if status == 409 and b"sold_out" in body:
+                st.sold_out += 1
+                outcome = OUTCOME_SOLD_OUT
+            elif outcome == OUTCOME_ERROR:
+                st.errors["5xx" if status >= 500 else "other"] += 1
+        st.record(now - self.control.origin, int((now - intended) * 1e6), outcome)
+        return status, body, maybe_sent
+
+    def _hold(self, intended: float, plan: holdrun.HoldPlan) -> int:
+        """Hold, then confirm, release or abandon: record what became of the hold.
+        Answers the hold request's OUTCOME_* (sold out ends an until-sold-out booth)."""
+        st, quantity = self.stats, self.control.plan.quantity
+        status, body, maybe_sent = self._send(intended)
+        if status is None:
+            if maybe_sent:  # it may hold tickets until it expires
+                st.holds.append(holdrun.HoldRecord(quantity, time.time() + plan.ttl_s,
+                                                   holdrun.UNKNOWN))
+            return OUTCOME_ERROR
+        if status == 409 and b"sold_out" in body:
+            return OUTCOME_SOLD_OUT
+        try:
+            made = json.loads(body)
+            hold_id, expires_at = str(made["id"]), holdrun.parse_expiry(made["expires_at"])
+        except (ValueError, KeyError, TypeError):
+            st.errors["other"] += 1
+            if status == 201:
+                st.holds.append(holdrun.HoldRecord(quantity, time.time() + plan.ttl_s,
+                                                   holdrun.UNKNOWN))
+            return OUTCOME_ERROR
+        if status != 201:
+            return OUTCOME_ERROR
+        record = holdrun.HoldRecord(quantity, expires_at, holdrun.ABANDONED)
+        st.holds.append(record)
+        if plan.confirm_after and self.control.stop.wait(plan.confirm_after):
+            return OUTCOME_OK  # the run ends: the hold is left to expire
+        draw = self.rng.random()
+        if draw < plan.abandon:
+            return OUTCOME_OK
+        path = f"{self.base_path}/holds/{hold_id}"
+        if draw < plan.abandon + plan.release:
+            status, _, maybe_sent = self._send(time.perf_counter(), ("DELETE", path))
+            if status == 204:
+                record.fate = holdrun.RELEASED
+            elif (status is None and maybe_sent) or status == 504:
+                record.fate = holdrun.UNKNOWN
+            return OUTCOME_OK
+        status, body, maybe_sent = self._send(time.perf_counter(), ("POST", path + "/confirm"))
+        if status == 200:
+            try:
+                record.serials = [t["serial"] for t in json.loads(body)["tickets"]]
+            except (ValueError, KeyError, TypeError):
+                st.errors["other"] += 1
+                st.unknown_tickets += quantity
+                record.fate = holdrun.UNKNOWN
+                return OUTCOME_OK
+            record.fate = holdrun.CONFIRMED
+            st.serials.extend(record.serials)
+            st.tickets += len(record.serials)
+        elif status == 410:
+            record.fate = holdrun.EXPIRED
+        elif (status is None and maybe_sent) or status == 504:
+            st.unknown_tickets += quantity  # the confirm may have sold them
+            record.fate = holdrun.UNKNOWN
+        return OUTCOME_OK
 
     def _buy_keyed(self, intended: float) -> int:
         """One keyed purchase, retried until it has an answer (loadtest.history); each

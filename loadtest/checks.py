@@ -41,9 +41,11 @@ class Snapshot:
     remaining: int
     sold: int
     total: int
+    held: int = 0  # tickets in live holds (0 from a service without holds)
 
     def as_dict(self) -> dict[str, int]:
-        return {"remaining": self.remaining, "sold": self.sold, "total": self.total}
+        return {"remaining": self.remaining, "sold": self.sold, "held": self.held,
+                "total": self.total}
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,12 @@ def _stock_problems(label: str, snap: Snapshot) -> list[str]:
         problems.append(f"{label}: sold {snap.sold} > total {snap.total}")
     if snap.remaining < 0:
         problems.append(f"{label}: remaining {snap.remaining} < 0")
-    if snap.sold + snap.remaining != snap.total:
-        problems.append(f"{label}: sold {snap.sold} + remaining {snap.remaining} = "
-                        f"{snap.sold + snap.remaining} != total {snap.total}")
+    if snap.held < 0:
+        problems.append(f"{label}: held {snap.held} < 0")
+    if snap.sold + snap.held + snap.remaining != snap.total:
+        problems.append(f"{label}: sold {snap.sold} + held {snap.held} + remaining "
+                        f"{snap.remaining} = {snap.sold + snap.held + snap.remaining} "
+                        f"!= total {snap.total}")
     return problems
 
 
@@ -143,7 +148,8 @@ def check_stock(before: Snapshot, after: Snapshot | None, after_error: str = "")
     if problems:
         return CheckResult(CHECK_NAMES[2], title, False, "; ".join(problems))
     return CheckResult(CHECK_NAMES[2], title, True,
-                       f"sold {after.sold} + remaining {after.remaining} = total {after.total}")
+                       f"sold {after.sold} + held {after.held} + remaining {after.remaining} "
+                       f"= total {after.total}")
 
 
 def check_accounting(before: Snapshot, after: Snapshot | None, acknowledged: int, unknown: int,

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -20,10 +21,11 @@ from typing import IO
 
 import requests
 
-from loadtest import faultrun
+from loadtest import faultrun, holdrun
 from loadtest.argtypes import non_negative_float, positive_float, positive_int
 from loadtest.booths import LoadPlan, classify_exception, run_load
 from loadtest.checks import (
+    CheckResult,
     RunRecord,
     Snapshot,
     check_thresholds,
@@ -45,7 +47,7 @@ from loadtest.report import (
 )
 from loadtest.spawn import SpawnError, spawned_service
 from loadtest.stages import Schedule, Stage, parse_stages
-from loadtest.stats import BoothStats, latency_summary, merge
+from loadtest.stats import BoothStats, RunStats, latency_summary, merge
 
 __all__ = ["EXIT_CHECK_FAILED", "EXIT_OK", "EXIT_THRESHOLD", "EXIT_USAGE", "main", "run"]
 
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-error-rate", type=_fraction, metavar="FRACTION",
                         help="fail when errors / requests is above FRACTION (0..1), e.g. 0.01")
     faultrun.add_arguments(p)
+    holdrun.add_arguments(p)
     return p
 
 
@@ -218,6 +221,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if path == "-":
             parser.error(f"{flag} needs a file path")
     faultrun.check_arguments(args, parser)
+    holdrun.check_arguments(args, parser)
     return args
 
 
@@ -262,6 +266,7 @@ def read_remaining(base_url: str) -> Snapshot:
         values = {k: body[k] for k in ("remaining", "sold", "total")}
     except KeyError as exc:
         raise ServiceError(f"unexpected answer from GET {url}: no {exc.args[0]!r}") from None
+    values["held"] = body.get("held", 0)  # a service without holds does not say
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
         raise ServiceError(f"unexpected answer from GET {url}: counts are not integers")
     return Snapshot(**values)  # type: ignore[arg-type]
@@ -274,7 +279,8 @@ def _plan(args: argparse.Namespace, urls: Sequence[str]) -> LoadPlan:
                     duration=schedule.duration if schedule else args.duration, rate=args.rate,
                     think_s=args.think / 1000.0, timeout=args.timeout,
                     processes=args.processes, schedule=schedule,
-                    idempotent=faultrun.keyed(args), retry_for=args.retry_for)
+                    idempotent=faultrun.keyed(args), retry_for=args.retry_for,
+                    holds=holdrun.plan_of(args))
 
 
 def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, object] | None,
@@ -320,16 +326,19 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
         if stream is not None:
             stream.close()
     fault_error = chaos.heal() if chaos else ""
+    stats = merge(result.booths)
+    held_at_end = _held_at_end(urls[0], stats, out, args.quiet) if plan.holds else None
     after: Snapshot | None = None
     after_error = ""
     try:
         after = read_remaining(urls[0])
     except ServiceError as exc:
         after_error = str(exc)
-    stats = merge(result.booths)
     checks = run_checks(RunRecord(serials=stats.serials(), before=before, after=after,
                                   acknowledged=stats.tickets, unknown=stats.unknown_tickets,
                                   after_error=after_error))
+    if held_at_end is not None:
+        checks += [held_at_end, holdrun.check_holds_ended(after, after_error)]
     faults = None
     if plan.idempotent:
         checks += faultrun.keyed_checks(stats, urls[0], PROBE_TIMEOUT)
@@ -373,6 +382,25 @@ def _execute(args: argparse.Namespace, urls: Sequence[str], spawn: dict[str, obj
         print(f"{PROG}: error: cannot write the result: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return report.exit_status
+
+
+def _held_at_end(url: str, stats: RunStats, out: IO[str], quiet: bool) -> CheckResult:
+    """--scenario hold: read ``held`` once the booths have stopped and compare it with the
+    run's holds; then wait until every hold of the run has ended (before the final read)."""
+    holds = [hold for booth in stats.booths for hold in booth.holds]
+    read_from = time.time()
+    try:
+        held: int | None = read_remaining(url).held
+        error = ""
+    except ServiceError as exc:
+        held, error = None, str(exc)
+    check = holdrun.check_held_at_end(holds, held, read_from, time.time(), error)
+    wait = holdrun.latest_expiry(holds) + holdrun.CLOCK_TOLERANCE_S - time.time()
+    if wait > 0:
+        if not quiet:
+            print(f"waiting {wait:.1f} s for the run's last holds to expire", file=out)
+        time.sleep(wait)  # the run's own holds end then, by the server's clock
+    return check
 
 
 def run(argv: Sequence[str] | None = None) -> int:

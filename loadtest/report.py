@@ -116,7 +116,7 @@ def _booth_table(booths: Sequence[BoothStats], several_urls: bool) -> list[str]:
 def _snap(s: Snapshot | None) -> str:
     if s is None:
         return "unknown"
-    return f"remaining {s.remaining}, sold {s.sold}, total {s.total}"
+    return f"remaining {s.remaining}, sold {s.sold}, held {s.held}, total {s.total}"
 
 
 def format_text(report: Report) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from hdrh.histogram import HdrHistogram
 
 from loadtest.history import Purchase
+from loadtest.holdrun import HoldRecord
 
 __all__ = [
     "ERROR_KINDS",
@@ -80,6 +81,8 @@ class BoothStats:
     sent_record: array[int] = field(default_factory=lambda: array("q"))
     #: Keyed purchases and their attempts (``--idempotent``, ``--faults``).
     purchases: list[Purchase] = field(default_factory=list)
+    #: ``--scenario hold``: every hold made (or perhaps made) and what became of it.
+    holds: list[HoldRecord] = field(default_factory=list)
 
     @property
     def error_count(self) -> int:

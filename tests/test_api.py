@@ -32,7 +32,7 @@ def test_buy_one_then_three(live_server: Callable[..., Any]) -> None:
         assert three.json() == {"tickets": [{"serial": s} for s in (2, 3, 4)], "remaining": 6}
         by_query = requests.post(f"{url}/buy?quantity=2", timeout=5)
         assert by_query.json() == {"tickets": [{"serial": 5}, {"serial": 6}], "remaining": 4}
-        assert remaining(url) == {"remaining": 4, "sold": 6, "total": 10}
+        assert remaining(url) == {"remaining": 4, "sold": 6, "held": 0, "total": 10}
 
 
 def test_sold_out_is_409_and_sells_nothing(live_server: Callable[..., Any]) -> None:
@@ -42,7 +42,7 @@ def test_sold_out_is_409_and_sells_nothing(live_server: Callable[..., Any]) -> N
         body = response.json()
         assert body["error"] == "sold_out" and body["remaining"] == 2
         assert "2" in body["message"]
-        assert remaining(url) == {"remaining": 2, "sold": 0, "total": 2}
+        assert remaining(url) == {"remaining": 2, "sold": 0, "held": 0, "total": 2}
 
 
 def test_healthz_and_ticket_lookup(live_server: Callable[..., Any]) -> None:
@@ -91,7 +91,7 @@ def test_64_clients_sell_exactly_the_stock(live_server: Callable[..., Any]) -> N
     assert sorted(sold) == list(range(1, stock + 1)), "oversold, duplicated or lost"
     assert sum(s.count(200) for s in statuses) == stock
     assert all(s[-1] == 409 for s in statuses), "every client ends on a sold-out answer"
-    assert after == {"remaining": 0, "sold": stock, "total": stock}
+    assert after == {"remaining": 0, "sold": stock, "held": 0, "total": stock}
 
 
 BIG = "x" * 2000

@@ -95,7 +95,7 @@ def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
             assert answers[0][1] == b'{"tickets":[{"serial":1}],"remaining":99}'
             assert answers[1][1] == b'{"tickets":[{"serial":2},{"serial":3}],"remaining":97}'
             assert answers[2][1] == b'{"tickets":[{"serial":4}],"remaining":96}'
-            assert answers[3][1] == b'{"remaining":96,"sold":4,"total":100}'
+            assert answers[3][1] == b'{"remaining":96,"sold":4,"held":0,"total":100}'
     finally:
         store.close()
 

@@ -229,8 +229,10 @@ def test_instances_sell_the_stock_once_under_ticketbooth_load(
         result = json.loads(result_path.read_text())
         checks = {check["name"]: check["passed"] for check in result["checks"]}
         assert len(checks) == (6 if keyed else 4) and all(checks.values()), result["checks"]
-        assert result["remaining_before"] == {"remaining": stock - 1, "sold": 1, "total": stock}
-        assert result["remaining_after"] == {"remaining": 0, "sold": stock, "total": stock}
+        assert result["remaining_before"] == {"remaining": stock - 1, "sold": 1, "held": 0,
+                                              "total": stock}
+        assert result["remaining_after"] == {"remaining": 0, "sold": stock, "held": 0,
+                                             "total": stock}
         assert result["tickets_acknowledged"] == stock - 1
         assert result["tickets_unknown"] == 0 and result["error_rate"] == 0
         sold_by = {u: sum(b["tickets"] for b in result["booths"] if b["url"] == u)
@@ -239,8 +241,48 @@ def test_instances_sell_the_stock_once_under_ticketbooth_load(
 
         for instance_url in urls:  # every instance agrees on the shared stock
             assert requests.get(f"{instance_url}/remaining", timeout=10).json() == {
-                "remaining": 0, "sold": stock, "total": stock}
+                "remaining": 0, "sold": stock, "held": 0, "total": stock}
             assert requests.get(f"{instance_url}/tickets/{stock}", timeout=10).status_code == 200
+
+
+def test_holds_over_two_service_processes(postgres_server: PostgresServer,
+                                          tmp_path: Path) -> None:
+    """A hold made on one process is confirmed on the other; a confirm on one and a
+    release on the other, sent at once, have one outcome."""
+    url = postgres_server.new_database()
+    with ExitStack() as stack:
+        one, other = (stack.enter_context(service(url, tmp_path / f"booth-{i}.log",
+                                                  "--tickets", "50")).url
+                      for i in range(2))
+        hold = requests.post(f"{one}/holds", json={"quantity": 3}, timeout=10).json()
+        confirmed = requests.post(f"{other}/holds/{hold['id']}/confirm", timeout=10)
+        assert confirmed.status_code == 200
+        assert confirmed.json()["tickets"] == [{"serial": s} for s in (1, 2, 3)]
+        shown = requests.get(f"{one}/holds/{hold['id']}", timeout=10).json()
+        assert shown["state"] == "confirmed" and shown["tickets"] == confirmed.json()["tickets"]
+
+        raced = [requests.post(f"{one}/holds", json={"quantity": 1}, timeout=10).json()["id"]
+                 for _ in range(10)]
+        answers: dict[str, list[int]] = {hold_id: [] for hold_id in raced}
+        barrier = threading.Barrier(2)
+
+        def settle(index: int) -> None:
+            barrier.wait()
+            with requests.Session() as session:
+                for hold_id in raced:
+                    if index == 0:
+                        answer = session.post(f"{one}/holds/{hold_id}/confirm", timeout=10)
+                    else:
+                        answer = session.delete(f"{other}/holds/{hold_id}", timeout=10)
+                    answers[hold_id].append(answer.status_code)
+
+        run_threads(settle, 2)
+        for hold_id, statuses in answers.items():  # one wins; the other is told why not
+            assert sorted(statuses) in ([200, 409], [204, 409]), (hold_id, statuses)
+        won = sum(200 in statuses for statuses in answers.values())
+        for instance in (one, other):
+            assert requests.get(f"{instance}/remaining", timeout=10).json() == {
+                "remaining": 50 - 3 - won, "sold": 3 + won, "held": 0, "total": 50}
 
 
 def test_mixed_quantities_over_two_instances_sell_every_serial_once(
@@ -283,7 +325,7 @@ def test_mixed_quantities_over_two_instances_sell_every_serial_once(
         assert sold == list(range(1, stock + 1)), "oversold, duplicated or lost"
         for instance_url in urls:
             assert requests.get(f"{instance_url}/remaining", timeout=10).json() == {
-                "remaining": 0, "sold": stock, "total": stock}
+                "remaining": 0, "sold": stock, "held": 0, "total": stock}
 
 
 # -- the database goes away and comes back ----------------------------------------------

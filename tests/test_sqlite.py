@@ -31,7 +31,7 @@ def test_restart_keeps_sales_lookups_and_keys(tmp_path: Path) -> None:
         assert service.stop() == 0
     with service_process("--store", store, "--tickets", "50") as service:
         assert requests.get(f"{service.url}/remaining", timeout=5).json() == {
-            "remaining": 47, "sold": 3, "total": 50}
+            "remaining": 47, "sold": 3, "held": 0, "total": 50}
         for serial in (1, 2, 3):
             assert requests.get(f"{service.url}/tickets/{serial}", timeout=5).status_code == 200
         assert requests.get(f"{service.url}/tickets/2", timeout=5).json()["sold_at"] == sold_at

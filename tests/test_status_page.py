@@ -70,10 +70,25 @@ def booth(tickets: int) -> Iterator[str]:
         store.close()
 
 
-def expect_counts(page: Page, remaining: int, sold: int, total: int) -> None:
+def expect_counts(page: Page, remaining: int, sold: int, total: int, held: int = 0) -> None:
     expect(page.locator("#remaining")).to_have_text(str(remaining))
     expect(page.locator("#sold")).to_have_text(str(sold))
+    expect(page.locator("#held")).to_have_text(str(held))
     expect(page.locator("#total")).to_have_text(str(total))
+
+
+def test_held_tickets_show_beside_sold_and_remaining(visitor: Visitor) -> None:
+    with booth(tickets=4) as url:
+        page = visitor.open(url)
+        expect_counts(page, remaining=4, sold=0, total=4)
+        hold = requests.post(f"{url}/holds", json={"quantity": 3}, timeout=5).json()
+        expect_counts(page, remaining=1, sold=0, held=3, total=4)  # seen by the next poll
+        page.get_by_role("button", name="Buy a ticket").click()
+        expect_counts(page, remaining=0, sold=1, held=3, total=4)
+        expect(page.locator("#soldout")).to_contain_text("sold or held")
+        requests.post(f"{url}/holds/{hold['id']}/confirm", timeout=5)
+        expect_counts(page, remaining=0, sold=4, held=0, total=4)
+        expect(page.locator("#soldout")).to_have_text("Sold out: every ticket has been sold.")
 
 
 def screenshot(page: Page, name: str) -> Path:

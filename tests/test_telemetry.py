@@ -147,7 +147,7 @@ def test_a_log_that_cannot_be_written_changes_no_answer() -> None:
             assert (sale.status_code, sale.json()) == (
                 200, {"tickets": [{"serial": 1}, {"serial": 2}], "remaining": 3})
             assert requests.get(f"{service.url}/remaining", timeout=10).json() == {
-                "remaining": 3, "sold": 2, "total": 5}
+                "remaining": 3, "sold": 2, "held": 0, "total": 5}
             assert requests.get(f"{service.url}/tickets/2", timeout=10).status_code == 200
             metrics = scrape(service.url)
             # Four lines so far (the scrape's own comes after it is answered).

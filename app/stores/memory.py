@@ -9,9 +9,21 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 
-from app.inventory import Counts, Receipt, Sale, SoldOut
+from app.inventory import (
+    Counts,
+    Hold,
+    LiveHolds,
+    Receipt,
+    Sale,
+    SoldOut,
+    judge,
+    new_hold_id,
+)
 
-__all__ = ["MemoryStore", "ReceiptBook"]
+__all__ = ["EXPIRE_BATCH", "MemoryStore", "ReceiptBook"]
+
+#: Expired holds cleaned up at most this many at a time (each store call cleans some).
+EXPIRE_BATCH = 100
 
 
 class ReceiptBook:
@@ -55,6 +67,9 @@ class MemoryStore:
         # One (first serial, time sold) per sale; a sale's serials are consecutive.
         self._sales: list[tuple[int, float]] = []
         self._receipts = ReceiptBook(key_ttl, clock)
+        self._holds: dict[str, Hold] = {}
+        self._live = LiveHolds()
+        self._expired = 0
 
     def sell(self, quantity: int, key: str | None = None) -> Sale:
         with self._lock:
@@ -75,7 +90,7 @@ class MemoryStore:
     def _take(self, quantity: int) -> Sale:
         """Read, check, decrement: the critical section the lock protects."""
         sold = self._sold  # read
-        remaining = self._total - sold
+        remaining = self._total - sold - self._held()
         if quantity > remaining:
             raise SoldOut(quantity, remaining)
         if self._chore_s:
@@ -89,7 +104,83 @@ class MemoryStore:
 
     def counts(self) -> Counts:
         with self._lock:
-            return Counts(self._total, self._sold)
+            if self._live:
+                self._clean_up(self._clock())
+            return Counts(self._total, self._sold, self._held())
+
+    def _held(self) -> int:
+        return self._live.held(self._clock()) if self._live else 0
+
+    # --- holds: the same lock, the same counters --------------------------------------
+
+    def hold(self, quantity: int, ttl: float, key: str | None = None) -> Hold:
+        with self._lock:
+            now = self._clock()
+            self._clean_up(now)
+            if key is not None:
+                receipt = self._receipts.get(key)
+                if receipt is not None:
+                    return receipt.replay_hold(key, quantity)
+            remaining = self._total - self._sold - self._live.held(now)
+            if quantity > remaining:
+                sold_out = SoldOut(quantity, remaining)
+                if key is not None:
+                    self._receipts.put(key, Receipt.of(quantity, sold_out, now, "hold"))
+                raise sold_out
+            hold = Hold(new_hold_id(), quantity, "held", now + ttl)
+            self._holds[hold.id] = hold
+            self._live.add(hold.id, quantity, hold.expires_at)
+            if key is not None:
+                self._receipts.put(key, Receipt.of(quantity, hold, now))
+            return hold
+
+    def confirm(self, hold_id: str) -> Sale:
+        with self._lock:
+            now = self._clock()
+            hold = self._holds.get(hold_id)
+            settled = judge(hold, "confirm", now)
+            self._clean_up(now)
+            if settled is None:
+                assert hold is not None
+                self._live.remove(hold_id)
+                first = self._sold + 1
+                self._sold += hold.quantity
+                self._record(first)
+                settled = Hold(hold_id, hold.quantity, "confirmed", hold.expires_at,
+                               range(first, first + hold.quantity))
+                self._holds[hold_id] = settled
+                return Sale(settled.serials, self._total - self._sold - self._live.held(now))
+            return Sale(settled.serials, self._total - self._sold - self._live.held(now),
+                        replayed=True)
+
+    def release(self, hold_id: str) -> Hold:
+        with self._lock:
+            now = self._clock()
+            hold = self._holds.get(hold_id)
+            settled = judge(hold, "release", now)
+            self._clean_up(now)
+            if settled is None:
+                assert hold is not None
+                self._live.remove(hold_id)
+                settled = self._holds[hold_id] = Hold(hold_id, hold.quantity, "released",
+                                                      hold.expires_at)
+            return settled
+
+    def get_hold(self, hold_id: str) -> Hold | None:
+        with self._lock:
+            hold = self._holds.get(hold_id)
+            return None if hold is None else hold.seen_at(self._clock())
+
+    def holds_expired(self) -> int:
+        with self._lock:
+            return self._expired
+
+    def _clean_up(self, now: float) -> None:
+        """Mark a small batch of expired holds expired (they stopped counting already)."""
+        for hold_id in self._live.due(now, EXPIRE_BATCH):
+            self._live.remove(hold_id)
+            self._holds[hold_id] = self._holds[hold_id].seen_at(now)
+            self._expired += 1
 
     def sold_at(self, serial: int) -> datetime | None:
         with self._lock:
@@ -103,7 +194,7 @@ class MemoryStore:
     def restock(self, tickets: int) -> Counts:
         with self._lock:
             self._total += tickets
-            return Counts(self._total, self._sold)
+            return Counts(self._total, self._sold, self._held())
 
     def check(self) -> None:
         return None

@@ -9,6 +9,13 @@ commit, so it is never held while the network carries a message. The function se
 batch in arrival order, greedily, writes one row of ``sales`` for the batch's consecutive
 serials, and writes each keyed order's receipt in the same transaction.
 
+Holds are orders of the same batches: the function creates, confirms and releases them
+under the same lock, with ``stock.held`` counting the tickets of live holds. Expiry is
+judged by the database's clock, read once the lock is taken, so instances with skewed clocks
+agree; an expired hold stops counting at once (the function subtracts the expired live
+holds, found through a partial index), and ``ticketbooth_expire`` cleans them up in small
+batches, called by each instance's writer now and then (each hold is expired by one call).
+
 Idempotency keys across instances: the function reads and writes receipts only while it
 holds the stock row's lock, so batches from every instance take their turns, each sees the
 receipts of every batch committed before it (and replays them), and no batch ever waits for
@@ -39,14 +46,17 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from app.groupcommit import Batch, GroupCommit, GroupCommitted
+from app.groupcommit import Batch, GroupCommit, GroupCommitted, Order
 from app.inventory import (
     Counts,
+    Hold,
+    HoldNotFound,
     OutcomeUnknown,
     Receipt,
     Sale,
     SoldOut,
     StoreUnavailable,
+    judge,
 )
 from app.stores import StoreSetupError
 
@@ -67,6 +77,10 @@ CONNECT_TIMEOUT_S = 3
 #: Expired receipts are purged at most this often per process, this many at a time.
 PURGE_EVERY_S = 60.0
 PURGE_BATCH = 1000
+#: Expired holds are cleaned up at most this often per process, this many at a time (at
+#: once again while a batch comes back full).
+EXPIRE_EVERY_S = 1.0
+EXPIRE_BATCH = 100
 #: Serials are bigint.
 MAX_SERIAL = 2**63 - 1
 #: Any constant will do: serialises schema creation among instances starting at once.
@@ -94,16 +108,39 @@ SCHEMA = (
         created timestamptz NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS receipts_created ON receipts (created)",
-    # Sell a batch: one row per order, in order. A replayed row carries the receipt's
-    # quantity and outcome (the caller tells a replay from a reuse of the key); otherwise
-    # o_count is 0 when the order was sold out, and o_remaining is what was left after it.
-    # Everything happens under the stock row's lock, receipts included: only the lock
-    # holder reads or writes them, so no batch ever waits for another's keys.
+    # Holds: ``stock.held`` is the sum of the holds whose state is 'held', expired or not;
+    # the tickets held at an instant are that minus the expired ones not yet cleaned up
+    # (found through the partial index, which holds only live holds).
+    "ALTER TABLE stock ADD COLUMN IF NOT EXISTS held bigint NOT NULL DEFAULT 0",
+    "ALTER TABLE receipts ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'buy'",
+    "ALTER TABLE receipts ADD COLUMN IF NOT EXISTS hold_id text",
+    "ALTER TABLE receipts ADD COLUMN IF NOT EXISTS expires_at timestamptz",
+    """CREATE TABLE IF NOT EXISTS holds (
+        id text PRIMARY KEY,
+        quantity integer NOT NULL CHECK (quantity > 0),
+        expires_at timestamptz NOT NULL,
+        state text NOT NULL CHECK (state IN ('held', 'confirmed', 'released', 'expired')),
+        first_serial bigint
+    )""",
+    "CREATE INDEX IF NOT EXISTS holds_live ON holds (expires_at) WHERE state = 'held'",
+    "DROP FUNCTION IF EXISTS ticketbooth_sell(integer[], text[], timestamptz, timestamptz, "
+    "double precision)",
+    # Commit a batch: one row per order, in order. Kinds: 'sell', 'hold', 'confirm',
+    # 'release'. For a sell or hold replayed from a receipt, the row carries the receipt
+    # (o_kind 'buy' or 'hold'; the caller tells a replay from a reuse of the key);
+    # otherwise o_count is 0 when the order was sold out, and o_remaining is what was left
+    # after it. A new hold has o_state 'held'; a confirm or release has the hold's state
+    # after it (NULL for an unknown id), o_replayed when it changed nothing.
+    # Everything happens under the stock row's lock, receipts and holds included: only
+    # the lock holder reads or writes them, so no batch ever waits for another's keys or
+    # holds, and nothing can deadlock.
     """CREATE OR REPLACE FUNCTION ticketbooth_sell(
-        p_quantities integer[], p_keys text[], p_at timestamptz, p_cutoff timestamptz,
+        p_kinds text[], p_quantities integer[], p_keys text[], p_ids text[],
+        p_ttls double precision[], p_at timestamptz, p_cutoff timestamptz,
         p_chore double precision)
     RETURNS TABLE (o_quantity integer, o_first bigint, o_count integer, o_remaining bigint,
-                   o_replayed boolean)
+                   o_replayed boolean, o_kind text, o_id text, o_state text,
+                   o_expires timestamptz)
     LANGUAGE plpgsql AS $$
     DECLARE
         live_keys text[];  -- live receipts of earlier batches for this batch's keys
@@ -111,29 +148,92 @@ SCHEMA = (
         live_f bigint[];
         live_c integer[];
         live_r bigint[];
-        done_keys text[] := '{}';  -- keyed orders sold here, and their outcomes
+        live_k text[];
+        live_i text[];
+        live_e timestamptz[];
+        done_keys text[] := '{}';  -- keyed orders done here, and their outcomes
         done_q integer[] := '{}';
         done_f bigint[] := '{}';
         done_c integer[] := '{}';
         done_r bigint[] := '{}';
+        done_k text[] := '{}';
+        done_i text[] := '{}';
+        done_e timestamptz[] := '{}';
         v_sold bigint;
         v_total bigint;
+        v_held bigint;  -- stock.held: live holds, expired ones not cleaned up included
+        v_stale bigint;  -- of which expired
         v_start bigint;
+        v_held_start bigint;
         v_key text;
+        v_kind text;
         v_at integer;
+        v_state text;
+        v_first bigint;
+        v_now timestamptz;  -- expiry is judged at the moment the lock is taken
     BEGIN
-        SELECT s.sold, s.total INTO v_sold, v_total FROM stock s FOR UPDATE;
+        SELECT s.sold, s.total, s.held INTO v_sold, v_total, v_held FROM stock s FOR UPDATE;
+        v_now := clock_timestamp();
+        -- One probe of the partial index, which holds live holds only.
+        SELECT coalesce(sum(h.quantity), 0) INTO v_stale FROM holds h
+        WHERE h.state = 'held' AND h.expires_at <= v_now;
         v_start := v_sold;
+        v_held_start := v_held;
         IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
             SELECT array_agg(r.key), array_agg(r.quantity), array_agg(r.first_serial),
-                   array_agg(r.count), array_agg(r.remaining)
-            INTO live_keys, live_q, live_f, live_c, live_r
+                   array_agg(r.count), array_agg(r.remaining), array_agg(r.kind),
+                   array_agg(r.hold_id), array_agg(r.expires_at)
+            INTO live_keys, live_q, live_f, live_c, live_r, live_k, live_i, live_e
             FROM receipts r WHERE r.key = ANY (array_remove(p_keys, NULL))
                 AND r.created > p_cutoff;
         END IF;
-        FOR i IN 1 .. coalesce(cardinality(p_quantities), 0) LOOP
+        FOR i IN 1 .. coalesce(cardinality(p_kinds), 0) LOOP
+            v_kind := p_kinds[i];
             v_key := p_keys[i];
             o_replayed := false;
+            o_kind := NULL;
+            o_id := NULL;
+            o_state := NULL;
+            o_expires := NULL;
+            IF v_kind IN ('confirm', 'release') THEN
+                o_id := p_ids[i];
+                SELECT h.quantity, h.expires_at, h.state, h.first_serial
+                INTO o_quantity, o_expires, v_state, v_first
+                FROM holds h WHERE h.id = p_ids[i];
+                IF NOT FOUND THEN
+                    o_quantity := 0;
+                    o_replayed := true;
+                END IF;
+                o_first := v_first;
+                o_count := CASE WHEN v_first IS NULL THEN 0 ELSE o_quantity END;
+                IF v_state IS NULL THEN
+                    NULL;  -- no such hold
+                ELSIF v_state = 'held' AND o_expires <= v_now THEN
+                    o_state := 'expired';
+                    o_replayed := true;
+                ELSIF v_state = 'held' AND v_kind = 'confirm' THEN
+                    IF p_chore > 0 THEN
+                        PERFORM pg_sleep(p_chore);  -- the lesson's chore, inside the lock
+                    END IF;
+                    o_first := v_sold + 1;
+                    o_count := o_quantity;
+                    v_sold := v_sold + o_quantity;
+                    v_held := v_held - o_quantity;
+                    o_state := 'confirmed';
+                    UPDATE holds SET state = 'confirmed', first_serial = o_first
+                    WHERE id = p_ids[i];
+                ELSIF v_state = 'held' THEN
+                    v_held := v_held - o_quantity;
+                    o_state := 'released';
+                    UPDATE holds SET state = 'released' WHERE id = p_ids[i];
+                ELSE
+                    o_state := v_state;
+                    o_replayed := true;
+                END IF;
+                o_remaining := v_total - v_sold - (v_held - v_stale);
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
             IF v_key IS NOT NULL THEN
                 v_at := array_position(done_keys, v_key);
                 IF v_at IS NOT NULL THEN  -- the key came earlier in this batch
@@ -141,6 +241,9 @@ SCHEMA = (
                     o_first := done_f[v_at];
                     o_count := done_c[v_at];
                     o_remaining := done_r[v_at];
+                    o_kind := done_k[v_at];
+                    o_id := done_i[v_at];
+                    o_expires := done_e[v_at];
                     o_replayed := true;
                 ELSE
                     v_at := array_position(live_keys, v_key);
@@ -149,55 +252,115 @@ SCHEMA = (
                         o_first := live_f[v_at];
                         o_count := live_c[v_at];
                         o_remaining := live_r[v_at];
+                        o_kind := live_k[v_at];
+                        o_id := live_i[v_at];
+                        o_expires := live_e[v_at];
                         o_replayed := true;
                     END IF;
                 END IF;
             END IF;
             IF NOT o_replayed THEN
                 o_quantity := p_quantities[i];
-                IF o_quantity <= v_total - v_sold THEN
+                o_first := NULL;
+                o_count := 0;
+                IF o_quantity > v_total - v_sold - (v_held - v_stale) THEN
+                    NULL;  -- sold out
+                ELSIF v_kind = 'hold' THEN
+                    o_id := p_ids[i];
+                    o_state := 'held';
+                    o_expires := v_now + make_interval(secs => p_ttls[i]);
+                    v_held := v_held + o_quantity;
+                    INSERT INTO holds (id, quantity, expires_at, state)
+                    VALUES (o_id, o_quantity, o_expires, 'held');
+                ELSE
                     IF p_chore > 0 THEN
                         PERFORM pg_sleep(p_chore);  -- the lesson's chore, inside the lock
                     END IF;
                     o_first := v_sold + 1;
                     o_count := o_quantity;
                     v_sold := v_sold + o_quantity;
-                ELSE
-                    o_first := NULL;
-                    o_count := 0;
                 END IF;
-                o_remaining := v_total - v_sold;
+                o_remaining := v_total - v_sold - (v_held - v_stale);
+                o_kind := CASE WHEN v_kind = 'hold' THEN 'hold' ELSE 'buy' END;
                 IF v_key IS NOT NULL THEN
                     done_keys := done_keys || v_key;
                     done_q := done_q || o_quantity;
                     done_f := done_f || o_first;
                     done_c := done_c || o_count;
                     done_r := done_r || o_remaining;
+                    done_k := done_k || o_kind;
+                    done_i := done_i || o_id;
+                    done_e := done_e || o_expires;
                 END IF;
             END IF;
             RETURN NEXT;
         END LOOP;
+        IF v_sold > v_start OR v_held <> v_held_start THEN
+            UPDATE stock SET sold = v_sold, held = v_held;
+        END IF;
         IF v_sold > v_start THEN
-            UPDATE stock SET sold = v_sold;
             INSERT INTO sales (first_serial, count, sold_at)
             VALUES (v_start + 1, v_sold - v_start, p_at);
         END IF;
         IF cardinality(done_keys) > 0 THEN
             -- New keys, and expired receipts taken over.
-            INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created)
-            SELECT u.k, u.q, u.f, u.c, u.rem, p_at
-            FROM unnest(done_keys, done_q, done_f, done_c, done_r) AS u(k, q, f, c, rem)
+            INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created,
+                                       kind, hold_id, expires_at)
+            SELECT u.k, u.q, u.f, u.c, u.rem, p_at, u.kd, u.i, u.e
+            FROM unnest(done_keys, done_q, done_f, done_c, done_r, done_k, done_i, done_e)
+                AS u(k, q, f, c, rem, kd, i, e)
             ON CONFLICT (key) DO UPDATE
                 SET quantity = EXCLUDED.quantity, first_serial = EXCLUDED.first_serial,
                     count = EXCLUDED.count, remaining = EXCLUDED.remaining,
-                    created = EXCLUDED.created;
+                    created = EXCLUDED.created, kind = EXCLUDED.kind,
+                    hold_id = EXCLUDED.hold_id, expires_at = EXCLUDED.expires_at;
         END IF;
+    END
+    $$""",
+    # Clean up a small batch of expired holds: marked expired, their tickets taken off
+    # stock.held (they stopped counting at their expiry already), under the stock row's
+    # lock like every change to holds. Returns how many this call expired.
+    """CREATE OR REPLACE FUNCTION ticketbooth_expire(p_limit integer)
+    RETURNS integer
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        v_count integer;
+        v_quantity bigint;
+        v_now timestamptz;
+    BEGIN
+        PERFORM 1 FROM stock FOR UPDATE;
+        v_now := clock_timestamp();
+        WITH due AS (
+            SELECT h.id FROM holds h
+            WHERE h.state = 'held' AND h.expires_at <= v_now
+            ORDER BY h.expires_at LIMIT p_limit),
+        expired AS (
+            UPDATE holds h SET state = 'expired' FROM due WHERE h.id = due.id
+            RETURNING h.quantity)
+        SELECT count(*), coalesce(sum(expired.quantity), 0) INTO v_count, v_quantity
+        FROM expired;
+        IF v_count > 0 THEN
+            UPDATE stock SET held = held - v_quantity;
+        END IF;
+        RETURN v_count;
     END
     $$""",
 )
 
-SELL = ("SELECT * FROM ticketbooth_sell(%s::integer[], %s::text[], %s, %s, "
-        "%s::double precision)")
+SELL = ("SELECT * FROM ticketbooth_sell(%s::text[], %s::integer[], %s::text[], %s::text[], "
+        "%s::double precision[], %s, %s, %s::double precision)")
+EXPIRE = "SELECT ticketbooth_expire(%s)"
+#: Tickets held now: the live holds less those expired and not yet cleaned up.
+COUNTS = """
+    SELECT total, sold, held - (SELECT coalesce(sum(quantity), 0) FROM holds
+                                WHERE state = 'held' AND expires_at <= now())
+    FROM stock
+"""
+HOLD = """
+    SELECT quantity, extract(epoch FROM expires_at)::float8, state, first_serial,
+           extract(epoch FROM now())::float8
+    FROM holds WHERE id = %s
+"""
 
 PURGE = """
     DELETE FROM receipts WHERE key IN (
@@ -314,6 +477,8 @@ class PostgresStore(GroupCommitted):
         self._where = _where(url)
         self._purge_every = min(PURGE_EVERY_S, key_ttl)
         self._next_purge = float("-inf")
+        self._next_expiry = float("-inf")
+        self._expired = 0
         # The pool logs every checkout at INFO; keep its warnings (lost connections).
         logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
         try:
@@ -334,7 +499,7 @@ class PostgresStore(GroupCommitted):
         self._writer = _WriterConnection(url, options, self._where)
         self._orders = GroupCommit(self._commit_batch, "postgres-writer",
                                    timeout=order_timeout,
-                                   housekeeping=self._purge)
+                                   housekeeping=self._housekeeping)
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -414,32 +579,53 @@ class PostgresStore(GroupCommitted):
     # -- the Store interface -------------------------------------------------------------
 
 
+    def get_hold(self, hold_id: str) -> Hold | None:
+        row = self._transaction(lambda conn: conn.execute(HOLD, (hold_id,)).fetchone())
+        if row is None:
+            return None
+        quantity, expires_at, state, first, now = row
+        serials = range(first, first + quantity) if first is not None else range(0)
+        return Hold(hold_id, quantity, state, expires_at, serials).seen_at(now)
+
+    def holds_expired(self) -> int:
+        return self._expired
+
     # -- selling: the group commit's backend ---------------------------------------------
 
     def _commit_batch(self, batch: Batch) -> None:
-        """Sell ``batch`` in one statement, committed with it (see the module's doc)."""
+        """Commit ``batch`` in one statement, committed with it (see the module's doc)."""
         now = self._clock()
         rows = self._writer.run(SELL, (
-            [order.quantity for order in batch], [order.key for order in batch],
+            [order.kind for order in batch], [order.quantity for order in batch],
+            [order.key for order in batch], [order.hold_id for order in batch],
+            [float(order.ttl) for order in batch],
             datetime.fromtimestamp(now, UTC), datetime.fromtimestamp(now - self._key_ttl, UTC),
             self._chore_s))
         if len(rows) != len(batch):
             raise StoreUnavailable(f"the database answered {len(rows)} outcomes for "
                                    f"{len(batch)} orders")
-        for order, (quantity, first, count, remaining, replayed) in zip(batch, rows,
-                                                                         strict=True):
-            serials = range(first, first + count) if count else range(0)
-            if replayed:
-                assert order.key is not None
-                try:
-                    order.result = Receipt(quantity, serials, remaining, now).replay(
-                        order.key, order.quantity)
-                except Exception as refused:  # sold out again, or the key reused
-                    order.result = refused
-            elif serials:
-                order.result = Sale(serials, remaining)
-            else:
-                order.result = SoldOut(order.quantity, remaining)
+        for order, row in zip(batch, rows, strict=True):
+            try:
+                order.result = _outcome(order, row, now)
+            except Exception as refused:  # sold out again, the key reused, a hold's state
+                order.result = refused
+
+    def _housekeeping(self) -> None:
+        self._expire_holds()
+        self._purge()
+
+    def _expire_holds(self) -> None:
+        """Clean up a small batch of expired holds now and then; count those this
+        instance expired (each hold is expired by one call, on one instance)."""
+        now = time.monotonic()
+        if now < self._next_expiry:
+            return
+        with contextlib.suppress(StoreUnavailable, OutcomeUnknown):
+            expired = int(self._writer.run(EXPIRE, (EXPIRE_BATCH,))[0][0])
+            self._expired += expired
+            if expired >= EXPIRE_BATCH:
+                return  # more are due: again before the next batch
+        self._next_expiry = now + EXPIRE_EVERY_S
 
     def _purge(self) -> None:
         """Housekeeping before a batch: delete a batch of expired receipts now and then."""
@@ -452,10 +638,9 @@ class PostgresStore(GroupCommitted):
                                      PURGE_BATCH))
 
     def counts(self) -> Counts:
-        row = self._transaction(
-            lambda conn: conn.execute("SELECT total, sold FROM stock").fetchone())
+        row = self._transaction(lambda conn: conn.execute(COUNTS).fetchone())
         assert row is not None
-        return Counts(int(row[0]), int(row[1]))
+        return Counts(int(row[0]), int(row[1]), int(row[2]))
 
     def sold_at(self, serial: int) -> datetime | None:
         if not 1 <= serial <= MAX_SERIAL:
@@ -472,10 +657,9 @@ class PostgresStore(GroupCommitted):
 
     def restock(self, tickets: int) -> Counts:
         row = self._transaction(lambda conn: conn.execute(
-            "UPDATE stock SET total = total + %s RETURNING total, sold",
-            (tickets,)).fetchone())
+            "UPDATE stock SET total = total + %s RETURNING total, sold", (tickets,)).fetchone())
         assert row is not None
-        return Counts(int(row[0]), int(row[1]))
+        return Counts(int(row[0]), int(row[1]), self.counts().held)
 
     def check(self) -> None:
         if not self._orders.alive:
@@ -486,3 +670,34 @@ class PostgresStore(GroupCommitted):
         self._orders.close()
         self._writer.close()
         self._pool.close(timeout=5.0)
+
+
+def _outcome(order: Order, row: tuple[Any, ...], now: float) -> Sale | Hold | Exception:
+    """What one row of ``ticketbooth_sell`` answers to ``order``."""
+    quantity, first, count, remaining, replayed, kind, hold_id, state, expires = row
+    serials = range(first, first + count) if count else range(0)
+    expires_at = expires.timestamp() if expires is not None else 0.0
+    if order.kind in ("confirm", "release"):
+        if state is None:
+            return HoldNotFound()
+        hold = Hold(hold_id, quantity, state, expires_at, serials)
+        if replayed:  # the state is the hold's as the database judged it
+            settled = judge(hold, "confirm" if order.kind == "confirm" else "release",
+                            float("-inf"))
+            assert settled is not None
+            hold = settled
+            return Sale(serials, remaining, replayed=True) if order.kind == "confirm" else hold
+        return Sale(serials, remaining) if order.kind == "confirm" else hold
+    if replayed:
+        assert order.key is not None
+        receipt = Receipt(quantity, serials, remaining, now, kind, hold_id, expires_at)
+        if order.kind == "hold":
+            return receipt.replay_hold(order.key, order.quantity)
+        return receipt.replay(order.key, order.quantity)
+    if order.kind == "hold":
+        if state == "held":
+            return Hold(hold_id, quantity, "held", expires_at)
+        return SoldOut(order.quantity, remaining)
+    if serials:
+        return Sale(serials, remaining)
+    return SoldOut(order.quantity, remaining)

@@ -21,9 +21,20 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from app.groupcommit import Batch, GroupCommit, GroupCommitted, Order
-from app.inventory import Counts, Receipt, Sale, SoldOut, StoreUnavailable
+from app.inventory import (
+    Counts,
+    Hold,
+    LiveHolds,
+    Receipt,
+    Sale,
+    SoldOut,
+    StoreUnavailable,
+    TicketboothError,
+    judge,
+)
 from app.stores import StoreSetupError
 
 log = logging.getLogger("ticketbooth")
@@ -49,10 +60,26 @@ CREATE TABLE IF NOT EXISTS receipts (
     first_serial INTEGER NOT NULL,
     count        INTEGER NOT NULL,
     remaining    INTEGER NOT NULL,
-    created_at   REAL NOT NULL
+    created_at   REAL NOT NULL,
+    kind         TEXT NOT NULL DEFAULT 'buy',
+    hold_id      TEXT,
+    expires_at   REAL
 );
 CREATE INDEX IF NOT EXISTS receipts_by_age ON receipts (created_at);
+-- A hold counts against the stock while its state is 'held' and it has not expired;
+-- a confirmed hold's serials are first_serial .. first_serial + quantity - 1.
+CREATE TABLE IF NOT EXISTS holds (
+    id           TEXT PRIMARY KEY,
+    quantity     INTEGER NOT NULL CHECK (quantity > 0),
+    expires_at   REAL NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('held', 'confirmed', 'released', 'expired')),
+    first_serial INTEGER
+);
+CREATE INDEX IF NOT EXISTS holds_live ON holds (expires_at) WHERE state = 'held';
 """
+# Columns added to receipts after its first release: added to older databases at start-up.
+_NEW_RECEIPT_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'buy'", "hold_id": "TEXT",
+                        "expires_at": "REAL"}
 
 # How long a connection waits for a lock held by another.
 _BUSY_TIMEOUT_MS = 5000
@@ -60,6 +87,8 @@ _BUSY_TIMEOUT_MS = 5000
 _PURGE_EVERY_S = 60.0
 # WAL pages after which a commit also checkpoints (SQLite's default, made explicit).
 _CHECKPOINT_PAGES = 1000
+# Expired holds are marked expired at most this many per statement.
+EXPIRE_BATCH = 100
 
 
 def path_from_url(url: str) -> Path:
@@ -99,19 +128,23 @@ class SqliteStore(GroupCommitted):
         self._chore_s = chore_s
         self._key_ttl = key_ttl
         self._clock = clock
-        self._lock_fd, self._writer_db, self._counts = self._open(path, tickets)
+        self._lock_fd, self._writer_db, self._counts, self._live = self._open(path, tickets)
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
         self._lock = threading.Lock()  # guards _readers
+        # Guards _counts with _live: the writer changes them after each commit, readers
+        # count the tickets held at their own instant.
+        self._live_lock = threading.Lock()
+        self._expired = 0
         self._next_purge = 0.0
         self._orders = GroupCommit(self._commit_batch, "sqlite-writer",
                                    timeout=order_timeout,
-                                   housekeeping=self._purge)
+                                   housekeeping=self._housekeeping)
 
     # --- start-up -------------------------------------------------------------------
 
     @staticmethod
-    def _open(path: Path, tickets: int) -> tuple[int, sqlite3.Connection, Counts]:
+    def _open(path: Path, tickets: int) -> tuple[int, sqlite3.Connection, Counts, LiveHolds]:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock_fd = _take_ownership(path)
@@ -132,6 +165,14 @@ class SqliteStore(GroupCommitted):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            have = {row[1] for row in db.execute("PRAGMA table_info(receipts)")}
+            for column, declaration in _NEW_RECEIPT_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE receipts ADD COLUMN {column} {declaration}")
+            live = LiveHolds()
+            for hold_id, quantity, expires_at in db.execute(
+                    "SELECT id, quantity, expires_at FROM holds WHERE state = 'held'"):
+                live.add(hold_id, quantity, expires_at)
             db.execute("INSERT OR IGNORE INTO stock (id, initial, total) VALUES (1, ?, ?)",
                        (tickets, tickets))
             initial, total = db.execute("SELECT initial, total FROM stock").fetchone()
@@ -148,18 +189,30 @@ class SqliteStore(GroupCommitted):
             if isinstance(error, StoreSetupError):
                 raise
             raise StoreSetupError(f"cannot use SQLite database {path}: {error}") from error
-        return lock_fd, db, Counts(total, last[0] if last else 0)
+        return lock_fd, db, Counts(total, last[0] if last else 0), live
 
     # --- the store interface --------------------------------------------------------
 
 
     def restock(self, tickets: int) -> Counts:
-        result = self._orders.submit(Order(tickets, restock=True))
+        result = self._orders.submit(Order(tickets, kind="restock"))
         assert isinstance(result, Counts)
         return result
 
     def counts(self) -> Counts:
-        return self._counts  # committed state; replaced whole after each commit
+        with self._live_lock:  # committed state, and the holds live at this instant
+            counts = self._counts
+            if not self._live:
+                return counts
+            return Counts(counts.total, counts.sold, self._live.held(self._clock()))
+
+    def get_hold(self, hold_id: str) -> Hold | None:
+        row = self._read("SELECT quantity, expires_at, state, first_serial FROM holds "
+                         "WHERE id = ?", (hold_id,))
+        return None if row is None else _hold(hold_id, row).seen_at(self._clock())
+
+    def holds_expired(self) -> int:
+        return self._expired
 
     def sold_at(self, serial: int) -> datetime | None:
         if not 1 <= serial <= self._counts.sold:
@@ -187,7 +240,7 @@ class SqliteStore(GroupCommitted):
 
     # --- reading: one connection per thread (WAL readers never block the writer) ----
 
-    def _read(self, sql: str, args: tuple[object, ...]) -> tuple[int, ...]:
+    def _read(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...]:
         db = getattr(self._local, "db", None)
         try:
             if db is None:
@@ -221,53 +274,134 @@ class SqliteStore(GroupCommitted):
         db = self._writer_db
         now = self._clock()
         total, sold = self._counts.total, self._counts.sold
+        with self._live_lock:
+            held = self._live.held(now) if self._live else 0
         first = sold + 1
         receipts: dict[str, Receipt] = {}
-        results: list[Sale | Counts | Exception] = []
+        holds: dict[str, Hold] = {}  # created or changed in this batch
+        results: list[Sale | Counts | Hold | Exception] = []
         for order in orders:
-            if order.restock:
-                total += order.quantity
-                results.append(Counts(total, sold))
+            kind, quantity, key = order.kind, order.quantity, order.key
+            if kind == "restock":
+                total += quantity
+                results.append(Counts(total, sold, held))
                 continue
-            key = order.key
+            if kind == "confirm" or kind == "release":
+                hold_id = order.hold_id
+                assert hold_id is not None
+                hold = holds.get(hold_id) or self._stored_hold(hold_id)
+                try:
+                    settled = judge(hold, kind, now)
+                except TicketboothError as refused:
+                    results.append(refused)
+                    continue
+                if settled is not None:  # answered as it stands
+                    results.append(Sale(settled.serials, total - sold - held, replayed=True)
+                                   if kind == "confirm" else settled)
+                    continue
+                assert hold is not None
+                held -= hold.quantity
+                if kind == "confirm":
+                    serials = range(sold + 1, sold + 1 + hold.quantity)
+                    sold += hold.quantity
+                    holds[hold_id] = Hold(hold_id, hold.quantity, "confirmed",
+                                          hold.expires_at, serials)
+                    results.append(Sale(serials, total - sold - held))
+                else:
+                    holds[hold_id] = Hold(hold_id, hold.quantity, "released", hold.expires_at)
+                    results.append(holds[hold_id])
+                continue
             if key is not None:
                 receipt = self._receipt(key, receipts, now)
                 if receipt is not None:
                     try:
-                        results.append(receipt.replay(key, order.quantity))
+                        results.append(receipt.replay(key, quantity) if kind == "sell"
+                                       else receipt.replay_hold(key, quantity))
                     except Exception as replayed:
                         results.append(replayed)
                     continue
-            quantity, remaining = order.quantity, total - sold
+            remaining = total - sold - held
+            outcome: Sale | Hold | SoldOut
             if quantity > remaining:
-                outcome: Sale | SoldOut = SoldOut(quantity, remaining)
+                outcome = SoldOut(quantity, remaining)
+            elif kind == "hold":
+                assert order.hold_id is not None
+                outcome = holds[order.hold_id] = Hold(order.hold_id, quantity, "held",
+                                                      now + order.ttl)
+                held += quantity
             else:
                 if self._chore_s:
                     time.sleep(self._chore_s)  # the lesson's chore, as the sole writer
                 outcome = Sale(range(sold + 1, sold + 1 + quantity), remaining - quantity)
                 sold += quantity
             if key is not None:
-                receipts[key] = Receipt.of(quantity, outcome, now)
+                receipts[key] = Receipt.of(quantity, outcome, now,
+                                           "hold" if kind == "hold" else "buy")
             results.append(outcome)
 
         sale_row = (first, sold - first + 1, now)
-        if receipts or total != self._counts.total:
+        if receipts or holds or total != self._counts.total:
             db.execute("BEGIN IMMEDIATE")
             if sold >= first:
                 db.execute("INSERT INTO sales VALUES (?, ?, ?)", sale_row)
+            if holds:
+                db.executemany(
+                    "INSERT OR REPLACE INTO holds (id, quantity, expires_at, state, "
+                    "first_serial) VALUES (?, ?, ?, ?, ?)",
+                    [(h.id, h.quantity, h.expires_at, h.state,
+                      h.serials.start if h.serials else None) for h in holds.values()])
             if receipts:
-                db.executemany("INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?, ?)",
-                               [(k, r.quantity, r.serials.start, len(r.serials), r.remaining,
-                                 r.created) for k, r in receipts.items()])
+                db.executemany(
+                    "INSERT OR REPLACE INTO receipts (key, quantity, first_serial, count, "
+                    "remaining, created_at, kind, hold_id, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(k, r.quantity, r.serials.start, len(r.serials), r.remaining,
+                      r.created, r.kind, r.hold_id, r.expires_at)
+                     for k, r in receipts.items()])
             if total != self._counts.total:
                 db.execute("UPDATE stock SET total = ? WHERE id = 1", (total,))
             db.execute("COMMIT")
         elif sold >= first:
             # The common case: one statement, its own transaction, one fsync.
             db.execute("INSERT INTO sales VALUES (?, ?, ?)", sale_row)
-        self._counts = Counts(total, sold)
+        with self._live_lock:
+            self._counts = Counts(total, sold)
+            for hold in holds.values():
+                if hold.state == "held":
+                    self._live.add(hold.id, hold.quantity, hold.expires_at)
+                else:
+                    self._live.remove(hold.id)
         for order, result in zip(orders, results, strict=True):
             order.result = result
+
+    def _stored_hold(self, hold_id: str) -> Hold | None:
+        row = self._writer_db.execute(
+            "SELECT quantity, expires_at, state, first_serial FROM holds WHERE id = ?",
+            (hold_id,)).fetchone()
+        return None if row is None else _hold(hold_id, row)
+
+    def _housekeeping(self) -> None:
+        self._expire_holds()
+        self._purge()
+
+    def _expire_holds(self) -> None:
+        """Mark a small batch of expired holds expired (they stopped counting already)."""
+        with self._live_lock:
+            due = self._live.due(self._clock(), EXPIRE_BATCH) if self._live else []
+        if not due:
+            return
+        marks = ", ".join("?" * len(due))
+        try:
+            self._writer_db.execute(
+                f"UPDATE holds SET state = 'expired' WHERE state = 'held' AND id IN ({marks})",
+                due)
+        except sqlite3.Error as error:
+            log.warning("expiring holds failed: %s", error)
+            return
+        with self._live_lock:
+            for hold_id in due:
+                self._live.remove(hold_id)
+        self._expired += len(due)
 
     def _purge(self) -> None:
         """Housekeeping before a batch: forget expired idempotency receipts."""
@@ -283,10 +417,17 @@ class SqliteStore(GroupCommitted):
         receipt = batch.get(key)
         if receipt is None:
             row = self._writer_db.execute(
-                "SELECT quantity, first_serial, count, remaining, created_at FROM receipts "
-                "WHERE key = ?", (key,)).fetchone()
+                "SELECT quantity, first_serial, count, remaining, created_at, kind, hold_id, "
+                "expires_at FROM receipts WHERE key = ?", (key,)).fetchone()
             if row is None:
                 return None
-            quantity, first, count, remaining, created = row
-            receipt = Receipt(quantity, range(first, first + count), remaining, created)
+            quantity, first, count, remaining, created, kind, hold_id, expires_at = row
+            receipt = Receipt(quantity, range(first, first + count), remaining, created,
+                              kind, hold_id, expires_at or 0.0)
         return None if receipt.expired(now, self._key_ttl) else receipt
+
+
+def _hold(hold_id: str, row: tuple[Any, ...]) -> Hold:
+    quantity, expires_at, state, first = row
+    serials = range(first, first + quantity) if first is not None else range(0)
+    return Hold(hold_id, quantity, state, expires_at, serials)

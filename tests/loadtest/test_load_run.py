@@ -53,8 +53,8 @@ def test_default_scenario_sells_out_and_passes_every_check(tmp_path: Path,
     assert data["requests"] == 110
     assert data["errors"] == {"refused": 0, "timeout": 0, "reset": 0, "5xx": 0, "other": 0}
     assert data["error_rate"] == 0
-    assert data["remaining_before"] == {"remaining": 100, "sold": 0, "total": 100}
-    assert data["remaining_after"] == {"remaining": 0, "sold": 100, "total": 100}
+    assert data["remaining_before"] == {"remaining": 100, "sold": 0, "held": 0, "total": 100}
+    assert data["remaining_after"] == {"remaining": 0, "sold": 100, "held": 0, "total": 100}
     assert [c["name"] for c in data["checks"]] == list(CHECK_NAMES)
     assert all(c["passed"] for c in data["checks"])
     assert set(data["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "max", "mean"}
@@ -138,7 +138,7 @@ def test_booths_spread_round_robin_over_urls(tmp_path: Path) -> None:
     assert [b["url"] for b in data["booths"]] == [first, second, first, second]
     assert data["errors"] == {"refused": 0, "timeout": 0, "reset": 0, "5xx": 0, "other": 0}, data
     assert data["tickets_acknowledged"] == 100
-    assert data["remaining_after"] == {"remaining": 0, "sold": 100, "total": 100}
+    assert data["remaining_after"] == {"remaining": 0, "sold": 100, "held": 0, "total": 100}
 
 
 def test_spawned_service_that_cannot_start_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
