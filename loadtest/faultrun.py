@@ -35,6 +35,7 @@ from loadtest.faults import (
 from loadtest.history import Purchase, write_history
 from loadtest.keyed_checks import check_acknowledged_durable, check_retries_sold_once
 from loadtest.lookup import unsold_serials
+from loadtest.stages import Schedule
 from loadtest.stats import RunStats
 
 __all__ = ["FaultRun", "FaultSection", "add_arguments", "check_arguments", "start"]
@@ -57,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of faults, instances and keyed retries."""
     g = p.add_argument_group("faults and retries")
     g.add_argument("--faults", type=fault_kinds, metavar="KINDS",
-                   help="with --spawn and --duration: harm the service during the run, kinds "
+                   help="with --spawn and --duration (or --stages): harm the service during the "
+                        "run, kinds "
                         "comma-separated: kill (SIGKILL, then start it again on the same port "
                         "and store), term (SIGTERM, wait for its exit, start again), pause "
                         "(SIGSTOP for --pause-for seconds, then SIGCONT); implies "
@@ -87,13 +89,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Cross-check the options; a usage error exits 2 with one line (through argparse)."""
     if args.faults:
-        if not args.spawn or args.duration is None:
-            parser.error("--faults needs --spawn and --duration: the load generator must own "
-                         "the services it harms, and the run must have an end")
-        if not fault_schedule_fits(args.duration, args.fault_every):
-            parser.error(f"--duration {args.duration:g} leaves no room for a fault every "
+        length = run_length(args)
+        if not args.spawn or length is None:
+            parser.error("--faults needs --spawn and --duration (or --stages): the load "
+                         "generator must own the services it harms, and the run must have an "
+                         "end")
+        if not fault_schedule_fits(length, args.fault_every):
+            parser.error(f"a run of {length:g} s leaves no room for a fault every "
                          f"{args.fault_every:g} s (the first comes after one interval, none in "
-                         "the last): give a longer --duration or a shorter --fault-every")
+                         "the last): give a longer run or a shorter --fault-every")
     else:
         given = [flag for flag, default, value in (
             ("--fault-every", 2.0, args.fault_every), ("--pause-for", 1.0, args.pause_for),
@@ -117,6 +121,14 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         if args.history == "-" or not os.path.isdir(folder):
             parser.error(f"--history needs a file path in an existing directory: "
                          f"{args.history!r}")
+
+
+def run_length(args: argparse.Namespace) -> float | None:
+    """Seconds the run lasts: --duration, or the stages' total; None when it runs until
+    sold out."""
+    if args.stages:
+        return Schedule(args.stages, args.start_rate or 0.0).duration
+    return float(args.duration) if args.duration is not None else None
 
 
 def fault_schedule_fits(duration: float, every: float) -> bool:
@@ -203,7 +215,9 @@ def start(args: argparse.Namespace, stack: ExitStack) -> FaultRun | None:
         return FaultRun(fleet)
     plan = FaultPlan(args.faults, args.fault_every, args.pause_for, args.seed)
     # Entered after the fleet, so left before it: the injector stops before the services.
-    injector = stack.enter_context(FaultInjector(fleet, plan, args.duration))
+    length = run_length(args)
+    assert length is not None, "check_arguments makes sure of it"
+    injector = stack.enter_context(FaultInjector(fleet, plan, length))
     stack.enter_context(_interrupt_heals(injector))
     return FaultRun(fleet, injector, plan)
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from loadtest.cli import run
+from loadtest.cli import parse_args, run
+from loadtest.faultrun import run_length
 from loadtest.faults import (
     Fault,
     FaultPlan,
@@ -200,6 +201,8 @@ def test_downtime_is_the_longest_stretch_without_a_sale_on_the_faulted_instance(
         (["--spawn", "--faults", "kill"], "--faults needs --spawn and --duration"),
         (["--spawn", "--faults", "kill,explode", "--duration", "10"], "comma-separated list"),
         (["--spawn", "--faults", "kill", "--duration", "3"], "leaves no room for a fault"),
+        (["--spawn", "--faults", "kill", "--stages", "2s:10,1s:10"],
+         "leaves no room for a fault"),
         (["--spawn", "--pause-for", "3"], "--pause-for only apply with --faults"),
         (["--spawn", "--instances", "2"], "needs a postgresql:// --store"),
         (["--instances", "2"], "--instances only applies with --spawn"),
@@ -213,6 +216,16 @@ def test_fault_usage_errors_exit_2(argv: list[str], message: str,
     err = capsys.readouterr().err
     assert message in err
     assert err.count("error:") == 1
+
+
+@pytest.mark.parametrize(("argv", "seconds"), [
+    (["--duration", "12"], 12.0),
+    (["--stages", "4s:10,1m:20"], 64.0),  # the stages' total
+    ([], None),  # until sold out: no end to fit faults into
+])
+def test_faults_fit_into_the_run_a_duration_or_stages_give(argv: list[str],
+                                                          seconds: float | None) -> None:
+    assert run_length(parse_args(["--spawn", *argv])) == seconds
 
 
 def test_help_lists_the_fault_options(capsys: pytest.CaptureFixture[str]) -> None:
