@@ -27,18 +27,10 @@ from app.inventory import (
     Store,
     new_hold_id,
 )
-from tests.conftest import FakeClock, Stores, run_threads
+from tests.conftest import FakeClock, Stores, poll, run_threads
 
 # A real TTL short enough for PostgreSQL's tests to wait out.
 SHORT_TTL = 0.3
-
-
-def wait_for(condition: object, timeout: float = 15.0) -> None:
-    """Poll ``condition()`` until true (bounded): a readiness poll, not a sleep."""
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 class Scene:
@@ -55,7 +47,8 @@ class Scene:
     def expire(self, hold: Hold) -> None:
         """Let ``hold``'s time run out."""
         if self.kind == "postgres":
-            wait_for(lambda: self.store.get_hold(hold.id).state == "expired")  # type: ignore[union-attr]
+            poll(lambda: self.store.get_hold(hold.id).state == "expired",  # type: ignore[union-attr]
+                 "the hold to expire", 15)
         else:
             self.clock.advance(60)
 
@@ -170,7 +163,8 @@ def test_expiry_by_the_injected_clock(make_store: Stores) -> None:
     with pytest.raises(HoldExpired):
         store.confirm(hold.id)
     assert store.release(hold.id).state == "expired"
-    wait_for(lambda: store.holds_expired() == 1)  # cleaned up once, in the background
+    # Cleaned up once, in the background.
+    poll(lambda: store.holds_expired() == 1, "the hold to be cleaned up", 15)
     assert list(store.sell(10).serials) == list(range(1, 11))
     assert store.holds_expired() == 1
 
@@ -180,12 +174,13 @@ def test_expiry_by_the_database_clock(make_store: Stores) -> None:
     store = make_store(10)
     hold = store.hold(3, SHORT_TTL)
     live = store.hold(2, 600)
-    wait_for(lambda: store.get_hold(hold.id).state == "expired")  # type: ignore[union-attr]
+    poll(lambda: store.get_hold(hold.id).state == "expired",  # type: ignore[union-attr]
+         "the hold to expire", 15)
     assert store.counts().held == 2  # at once, cleaned up or not
     with pytest.raises(HoldExpired):
         store.confirm(hold.id)
     assert list(store.sell(8).serials) == list(range(1, 9))
-    wait_for(lambda: store.holds_expired() == 1)
+    poll(lambda: store.holds_expired() == 1, "the hold to be cleaned up", 15)
     assert list(store.confirm(live.id).serials) == [9, 10]
     counts = store.counts()
     assert (counts.sold, counts.held, counts.remaining) == (10, 0, 0)
@@ -386,7 +381,8 @@ def test_two_instances_confirm_and_release_at_once(make_store: Stores) -> None:
 def test_each_expiry_is_cleaned_up_once_across_instances(make_store: Stores) -> None:
     stores = [make_store(100), make_store(100)]
     holds = [stores[i % 2].hold(2, SHORT_TTL) for i in range(20)]
-    wait_for(lambda: sum(store.holds_expired() for store in stores) >= len(holds))
+    poll(lambda: sum(store.holds_expired() for store in stores) >= len(holds),
+         "the holds to be cleaned up", 15)
     with psycopg.connect(make_store.url) as conn:  # nothing is left to count again
         row = conn.execute("SELECT count(*) FROM holds WHERE state = 'held'").fetchone()
         assert row is not None and row[0] == 0
@@ -431,4 +427,5 @@ def test_confirms_racing_expiry_have_one_outcome_each(make_store: Stores) -> Non
     assert sorted(sold) == list(range(1, len(sold) + 1))
     counts = store.counts()
     assert (counts.sold, counts.held) == (len(sold), 0)
-    wait_for(lambda: store.counts() and store.holds_expired() == len(expired))
+    poll(lambda: store.counts() and store.holds_expired() == len(expired),
+         "the holds to be cleaned up", 15)

@@ -366,7 +366,7 @@ def test_interrupted_while_paused_leaves_no_service_behind(
     while not any(state == "T" for _pid, state in _processes_naming(store)):
         assert proc.poll() is None, "the generator ended before its pause fault"
         assert time.monotonic() < deadline, "the service was never paused"
-        time.sleep(0.05)
+        time.sleep(0.05)  # readiness poll
     proc.send_signal(signum)
     # Generous: continuing, healing, reading the stock and stopping take a second or two; the
     # bound only says that an interrupted run ends instead of waiting out its pause.
