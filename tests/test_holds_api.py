@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from app.inventory import new_hold_id
+from tests.conftest import poll
 from tests.test_telemetry import scrape
 
 TIMEOUT = 10
@@ -75,11 +76,9 @@ def test_hold_then_release(live_server: Callable[..., Any]) -> None:
 def test_a_hold_expires_by_the_servers_clock(live_server: Callable[..., Any]) -> None:
     with live_server(tickets=5) as url:
         hold = create(url, {"quantity": 2, "ttl_s": 1}).json()
-        deadline = time.monotonic() + 15
-        while requests.get(f"{url}/holds/{hold['id']}",
-                           timeout=TIMEOUT).json()["state"] != "expired":
-            assert time.monotonic() < deadline, "the hold did not expire"
-            time.sleep(0.05)  # readiness poll
+        poll(lambda: requests.get(f"{url}/holds/{hold['id']}",
+                                  timeout=TIMEOUT).json()["state"] == "expired",
+             "the hold to expire", 15)
         assert counts(url)["held"] == 0
         expired = requests.post(f"{url}/holds/{hold['id']}/confirm", timeout=TIMEOUT)
         assert expired.status_code == 410 and expired.json()["error"] == "hold_expired"
@@ -197,13 +196,10 @@ def test_metrics_and_stats_count_holds_by_outcome(live_server: Callable[..., Any
         for _ in range(2):  # the second of each changes nothing
             requests.post(f"{url}/holds/{confirmed['id']}/confirm", timeout=TIMEOUT)
             requests.delete(f"{url}/holds/{released['id']}", timeout=TIMEOUT)
-        deadline = time.monotonic() + 15
-        while True:  # the expired hold is counted once cleaned up, in the background
-            metrics = scrape(url)
-            if metrics[("ticketbooth_holds_total", (("outcome", "expired"),))] == 1:
-                break
-            assert time.monotonic() < deadline, "the expiry was never counted"
-            time.sleep(0.05)  # readiness poll
+        # The expired hold is counted once cleaned up, in the background.
+        poll(lambda: scrape(url)[("ticketbooth_holds_total", (("outcome", "expired"),))] == 1,
+             "the expiry to be counted", 15)
+        metrics = scrape(url)
         stats = requests.get(f"{url}/admin/stats", timeout=TIMEOUT,
                              headers={"Authorization": f"Bearer {token}"}).json()
         assert requests.get(f"{url}/holds/{expiring['id']}",
