@@ -143,22 +143,17 @@ SCHEMA = (
                    o_expires timestamptz)
     LANGUAGE plpgsql AS $$
     DECLARE
-        live_keys text[];  -- live receipts of earlier batches for this batch's keys
-        live_q integer[];
-        live_f bigint[];
-        live_c integer[];
-        live_r bigint[];
-        live_k text[];
-        live_i text[];
-        live_e timestamptz[];
-        done_keys text[] := '{}';  -- keyed orders done here, and their outcomes
-        done_q integer[] := '{}';
-        done_f bigint[] := '{}';
-        done_c integer[] := '{}';
-        done_r bigint[] := '{}';
-        done_k text[] := '{}';
-        done_i text[] := '{}';
-        done_e timestamptz[] := '{}';
+        -- The live receipts of this batch's keys: those of earlier batches (the first
+        -- v_earlier), then those of the keyed orders done here, which it writes.
+        live_keys text[] := '{}';
+        live_q integer[] := '{}';
+        live_f bigint[] := '{}';
+        live_c integer[] := '{}';
+        live_r bigint[] := '{}';
+        live_k text[] := '{}';
+        live_i text[] := '{}';
+        live_e timestamptz[] := '{}';
+        v_earlier integer := 0;
         v_sold bigint;
         v_total bigint;
         v_held bigint;  -- stock.held: live holds, expired ones not cleaned up included
@@ -186,6 +181,7 @@ SCHEMA = (
             INTO live_keys, live_q, live_f, live_c, live_r, live_k, live_i, live_e
             FROM receipts r WHERE r.key = ANY (array_remove(p_keys, NULL))
                 AND r.created > p_cutoff;
+            v_earlier := coalesce(cardinality(live_keys), 0);
         END IF;
         FOR i IN 1 .. coalesce(cardinality(p_kinds), 0) LOOP
             v_kind := p_kinds[i];
@@ -235,28 +231,17 @@ SCHEMA = (
                 CONTINUE;
             END IF;
             IF v_key IS NOT NULL THEN
-                v_at := array_position(done_keys, v_key);
-                IF v_at IS NOT NULL THEN  -- the key came earlier in this batch
-                    o_quantity := done_q[v_at];
-                    o_first := done_f[v_at];
-                    o_count := done_c[v_at];
-                    o_remaining := done_r[v_at];
-                    o_kind := done_k[v_at];
-                    o_id := done_i[v_at];
-                    o_expires := done_e[v_at];
+                -- A live receipt, of an earlier batch or of this one: its answer again.
+                v_at := array_position(live_keys, v_key);
+                IF v_at IS NOT NULL THEN
+                    o_quantity := live_q[v_at];
+                    o_first := live_f[v_at];
+                    o_count := live_c[v_at];
+                    o_remaining := live_r[v_at];
+                    o_kind := live_k[v_at];
+                    o_id := live_i[v_at];
+                    o_expires := live_e[v_at];
                     o_replayed := true;
-                ELSE
-                    v_at := array_position(live_keys, v_key);
-                    IF v_at IS NOT NULL THEN  -- a live receipt of an earlier batch
-                        o_quantity := live_q[v_at];
-                        o_first := live_f[v_at];
-                        o_count := live_c[v_at];
-                        o_remaining := live_r[v_at];
-                        o_kind := live_k[v_at];
-                        o_id := live_i[v_at];
-                        o_expires := live_e[v_at];
-                        o_replayed := true;
-                    END IF;
                 END IF;
             END IF;
             IF NOT o_replayed THEN
@@ -283,14 +268,14 @@ SCHEMA = (
                 o_remaining := v_total - v_sold - (v_held - v_stale);
                 o_kind := CASE WHEN v_kind = 'hold' THEN 'hold' ELSE 'buy' END;
                 IF v_key IS NOT NULL THEN
-                    done_keys := done_keys || v_key;
-                    done_q := done_q || o_quantity;
-                    done_f := done_f || o_first;
-                    done_c := done_c || o_count;
-                    done_r := done_r || o_remaining;
-                    done_k := done_k || o_kind;
-                    done_i := done_i || o_id;
-                    done_e := done_e || o_expires;
+                    live_keys := live_keys || v_key;
+                    live_q := live_q || o_quantity;
+                    live_f := live_f || o_first;
+                    live_c := live_c || o_count;
+                    live_r := live_r || o_remaining;
+                    live_k := live_k || o_kind;
+                    live_i := live_i || o_id;
+                    live_e := live_e || o_expires;
                 END IF;
             END IF;
             RETURN NEXT;
@@ -302,12 +287,15 @@ SCHEMA = (
             INSERT INTO sales (first_serial, count, sold_at)
             VALUES (v_start + 1, v_sold - v_start, p_at);
         END IF;
-        IF cardinality(done_keys) > 0 THEN
+        IF cardinality(live_keys) > v_earlier THEN
             -- New keys, and expired receipts taken over.
             INSERT INTO receipts AS r (key, quantity, first_serial, count, remaining, created,
                                        kind, hold_id, expires_at)
             SELECT u.k, u.q, u.f, u.c, u.rem, p_at, u.kd, u.i, u.e
-            FROM unnest(done_keys, done_q, done_f, done_c, done_r, done_k, done_i, done_e)
+            FROM unnest(live_keys[v_earlier + 1:], live_q[v_earlier + 1:],
+                        live_f[v_earlier + 1:], live_c[v_earlier + 1:],
+                        live_r[v_earlier + 1:], live_k[v_earlier + 1:],
+                        live_i[v_earlier + 1:], live_e[v_earlier + 1:])
                 AS u(k, q, f, c, rem, kd, i, e)
             ON CONFLICT (key) DO UPDATE
                 SET quantity = EXCLUDED.quantity, first_serial = EXCLUDED.first_serial,
