@@ -175,12 +175,15 @@ SCHEMA = (
         v_start := v_sold;
         v_held_start := v_held;
         IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
+            -- Found by key alone: a condition on created in the WHERE clause lets the
+            -- cached plan scan receipts_created, every receipt of the last TTL, instead.
             SELECT array_agg(r.key), array_agg(r.quantity), array_agg(r.first_serial),
                    array_agg(r.count), array_agg(r.remaining), array_agg(r.kind),
                    array_agg(r.hold_id), array_agg(r.expires_at)
             INTO live_keys, live_q, live_f, live_c, live_r, live_k, live_i, live_e
-            FROM receipts r WHERE r.key = ANY (array_remove(p_keys, NULL))
-                AND r.created > p_cutoff;
+            FROM (SELECT * FROM receipts WHERE key = ANY (array_remove(p_keys, NULL))
+                  OFFSET 0) r
+            WHERE r.created > p_cutoff;
             v_earlier := coalesce(cardinality(live_keys), 0);
         END IF;
         FOR i IN 1 .. coalesce(cardinality(p_kinds), 0) LOOP
