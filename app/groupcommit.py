@@ -9,8 +9,18 @@ So while one commit waits on the disk or the network the next batch gathers, and
 queues behind a commit that does not hold it. Each answer is given only after the commit
 that holds its sale.
 
+A backend may give several writers, each with a "commit this batch" of its own (PostgreSQL:
+one connection each). While the store answers fast they take turns, one batch at a time, as
+one writer would. When every recent batch took long to come back (a database across a
+network: the round trip, not the work, is what takes the time), batches are pipelined:
+while one is on its way, the next leaves as soon as ``PIPELINE_MIN`` orders wait, on a free
+writer, instead of waiting for the first to come back. The store orders the batches it
+receives (PostgreSQL: by the stock row's lock), and every order still gets its answer from
+its own commit.
+
 A backend is one function, "commit this batch": it sets every order's result (sold, sold
-out, a replayed receipt, or the error that order alone ends in) and returns, or raises
+out, a replayed receipt, or the error that order alone ends in) and returns (the seconds the
+store itself spent on the batch, where it can tell, else None), or raises
 :class:`~app.inventory.StoreUnavailable` when the batch certainly did not commit, or
 :class:`~app.inventory.OutcomeUnknown` when its fate cannot be known; every order of the
 batch then ends in that error.
@@ -26,7 +36,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -54,6 +65,14 @@ GATHER_S = 0.0005
 #: With no orders coming, the writer still runs the store's housekeeping (expiring holds,
 #: forgetting old keys) this often.
 IDLE_S = 0.5
+#: Pipelining (several writers): the store counts as far away when the quickest trip of
+#: the last ``PIPELINE_WINDOW`` batches (a commit's time less what the store says it spent
+#: on it, waiting for its lock included) took ``PIPELINE_AFTER_S`` or more; a store on
+#: this machine is a fraction of a millisecond away. Then a free writer sends the next
+#: batch once ``PIPELINE_MIN`` orders wait.
+PIPELINE_AFTER_S = 0.0015
+PIPELINE_WINDOW = 64
+PIPELINE_MIN = 8
 
 OrderKind: TypeAlias = Literal["sell", "restock", "hold", "confirm", "release"]
 
@@ -82,8 +101,10 @@ class Order:
     told: bool = False
 
 
-#: A backend's "commit this batch".
 Batch = list[Order]
+#: A backend's "commit this batch": returns the seconds the store itself spent on it (its
+#: lock and its work, not the trip there and back), or None when it cannot tell.
+Commit: TypeAlias = Callable[[Batch], float | None]
 
 
 def _held_lock() -> threading.Lock:
@@ -110,7 +131,7 @@ def _tell(order: Order, result: Sale | Counts | Hold | Exception | None = None) 
 
 
 class GroupCommit:
-    """The queue of orders and the writer thread that commits them in batches.
+    """The queue of orders and the writer threads that commit them in batches.
 
     Every order is told its outcome exactly once, within ``timeout`` seconds of being
     queued: a watchdog ends an order still queued then unsold, and tells the orders of a
@@ -118,32 +139,49 @@ class GroupCommit:
     decides what was sold).
     """
 
-    def __init__(self, commit: Callable[[Batch], None], name: str, *, timeout: float,
-                 housekeeping: Callable[[], None] | None = None) -> None:
-        self._commit = commit
-        self._housekeeping = housekeeping  # run by the writer before each batch
+    def __init__(self, commits: Sequence[Commit], name: str, *,
+                 timeout: float, housekeeping: Callable[[int], None] | None = None) -> None:
+        self._commits = list(commits)  # one writer thread each
+        # Run by a writer (given its index) before each of its batches, one at a time.
+        self._housekeeping = housekeeping
+        self._housekeeping_lock = threading.Lock()
         self.timeout = timeout
-        self._lock = threading.Lock()  # guards the queue, the batch and every order's told
-        self._wake = threading.Condition(self._lock)  # the writer waits here for orders
+        self._lock = threading.Lock()  # guards the queue, the batches and every order's told
+        self._wake = threading.Condition(self._lock)  # free writers wait here for orders
+        # A writer gathering a busy store's batch waits here, so that the BUSY_BATCH-th
+        # order wakes it, not another writer.
+        self._gathering = threading.Condition(self._lock)
         self._stop = threading.Condition(self._lock)  # the watchdog waits here
         self._pending: Batch = []
-        self._batch: Batch = []  # being committed
+        self._batches: list[Batch] = []  # being committed, one per busy writer
+        #: The trips of the last PIPELINE_WINDOW batches (several writers only).
+        self._trips: deque[float] = deque(maxlen=PIPELINE_WINDOW)
+        self._last = 0  # orders in the last batch taken
+        self._pipelining = False  # whether the store is far away (see PIPELINE_AFTER_S)
+        self._leader: int | None = None  # the writer waiting for orders, if one is
+        self._spare = threading.Condition(self._lock)  # the other free writers wait here
+        #: Batches that left while another was on its way.
+        self.pipelined = 0
         self._closed = False
-        self._writer = threading.Thread(target=self._write_loop, name=name, daemon=True)
+        self._writers = [
+            threading.Thread(target=self._write_loop, args=(commit, lane),
+                             name=name if lane == 0 else f"{name}-{lane + 1}", daemon=True)
+            for lane, commit in enumerate(self._commits)]
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog",
                                           daemon=True)
-        self._writer.start()
+        for writer in self._writers:
+            writer.start()
         self._watchdog.start()
 
     @property
     def alive(self) -> bool:
-        return self._writer.is_alive()
+        return all(writer.is_alive() for writer in self._writers)
 
     @property
     def busy(self) -> bool:
-        """Whether the writer is committing a batch."""
+        """Whether a writer is committing a batch."""
         with self._lock:
-            return bool(self._batch)
+            return bool(self._batches)
 
     @property
     def pending(self) -> int:
@@ -167,71 +205,138 @@ class GroupCommit:
             if self._closed:
                 raise StoreUnavailable("the store is closed; nothing was sold")
             self._pending.append(order)
-            if len(self._pending) in (1, BUSY_BATCH):
+            waiting = len(self._pending)
+            # Wake a writer only when one could send: with a batch on its way, only a
+            # pipelining one once PIPELINE_MIN wait (else the first writer back takes them).
+            if self._batches:
+                if waiting == PIPELINE_MIN and self._pipelining:
+                    self._wake.notify()
+            elif waiting == 1:
                 self._wake.notify()
+            elif waiting == BUSY_BATCH:
+                self._gathering.notify()
 
     def withdraw_all(self) -> int:
         """Stop taking orders; end every order not yet taken unsold. Returns how many.
 
-        The batch the writer holds is committed and answered as usual.
+        The batches the writers hold are committed and answered as usual.
         """
         with self._lock:
             self._closed = True
             withdrawn, self._pending = self._pending, []
             for order in withdrawn:
                 order.told = True
-            self._wake.notify()
+            self._wake.notify_all()
         error = StoreUnavailable("the server is shutting down; nothing was sold")
         for order in withdrawn:
             _tell(order, error)
         return len(withdrawn)
 
     def close(self) -> None:
-        """Commit what is pending, then stop the writer (waits up to the timeout)."""
+        """Commit what is pending, then stop the writers (waits up to the timeout)."""
         with self._lock:
             self._closed = True
-            self._wake.notify()
-        self._writer.join(timeout=self.timeout)
+            self._wake.notify_all()
+            self._gathering.notify_all()
+            self._spare.notify_all()
+        deadline = time.monotonic() + self.timeout
+        for writer in self._writers:
+            writer.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._stop.notify()
         self._watchdog.join(timeout=self.timeout)
 
-    def _write_loop(self) -> None:
-        """The writer: commit each pending batch as soon as the previous one is done."""
-        last = 0  # orders in the last batch
+    def _write_loop(self, commit: Commit, lane: int) -> None:
+        """A writer: commit each batch it takes, in turn with the others.
+
+        One free writer at a time, the leader, waits for orders and takes the next batch;
+        the others wait as spares. A writer back from its batch leads again if no one
+        does, so while batches go one at a time one writer (and one connection) does
+        all the work; when pipelining, a leader that takes a batch hands the lead on.
+        """
+        several = len(self._commits) > 1
         while True:
             with self._lock:
-                if not self._pending and not self._closed:
-                    self._wake.wait(IDLE_S)
-                if last >= BUSY_BATCH and len(self._pending) < BUSY_BATCH and not self._closed:
-                    self._wake.wait(GATHER_S)  # woken early by the BUSY_BATCH-th order
+                while self._leader is not None and not self._closed:
+                    self._spare.wait()
+                self._leader = lane
+                self._gather()
                 batch, self._pending = self._pending, []
-                self._batch = batch
+                self._leader = None
+                if batch:
+                    self.pipelined += bool(self._batches)
+                    self._batches.append(batch)
+                    self._last = len(batch)
+                    if self._pipelining:
+                        self._spare.notify()  # the next leader
                 closed = self._closed
-            last = len(batch)
             if not batch and closed:  # nothing left to commit
                 return
-            if self._housekeeping is not None:
-                try:
-                    self._housekeeping()
-                except Exception:
-                    log.exception("store housekeeping failed")
+            self._keep_house(lane)
             if not batch:  # idle: housekeeping only
                 continue
-            self._commit_batch(batch)
+            started = time.monotonic()
+            spent = self._commit_batch(commit, batch)
             with self._lock:
-                self._batch = []
+                if several:
+                    trips = self._trips
+                    trips.append(time.monotonic() - started - (spent or 0.0))
+                    self._pipelining = (len(trips) == PIPELINE_WINDOW
+                                        and min(trips) >= PIPELINE_AFTER_S)
                 untold = [order for order in batch if not order.told]
                 for order in untold:
                     order.told = True
             for order in untold:
                 _tell(order)
+            with self._lock:
+                # Only now, so that orders which came meanwhile wake no other writer: this
+                # one takes them next, unless another leads; that one is told.
+                self._batches.remove(batch)
+                if self._leader is not None and self._pending:
+                    self._wake.notify()
 
-    def _commit_batch(self, batch: Batch) -> None:
-        """Commit ``batch``; every order gets a result, a failure included."""
-        try:
-            self._commit(batch)
+    def _keep_house(self, lane: int) -> None:
+        """The store's housekeeping, unless another writer is doing it."""
+        if self._housekeeping is None or not self._housekeeping_lock.acquire(blocking=False):
             return
+        try:
+            self._housekeeping(lane)
+        except Exception:
+            log.exception("store housekeeping failed")
+        finally:
+            self._housekeeping_lock.release()
+
+    def _gather(self) -> None:
+        """Wait, holding the lock, until this writer's next batch is to leave (or an idle
+        timeout passes with nothing pending: time for housekeeping).
+
+        With no batch on its way, it leaves at the first order, except that a busy store
+        near by (the last batch held ``BUSY_BATCH`` orders or more) waits up to
+        ``GATHER_S`` for ``BUSY_BATCH`` of them. With one on its way, the next waits for a
+        writer to come back, unless batches are far away (see ``PIPELINE_AFTER_S``): then
+        it leaves once ``PIPELINE_MIN`` orders wait.
+        """
+        gathered = False
+        while not self._closed:
+            if self._batches:
+                if self._pipelining and len(self._pending) >= PIPELINE_MIN:
+                    return
+            elif self._pending:
+                if (gathered or self._last < BUSY_BATCH or self._pipelining
+                        or len(self._pending) >= BUSY_BATCH):
+                    return
+                gathered = True
+                self._gathering.wait(GATHER_S)  # woken early by the BUSY_BATCH-th order
+                continue
+            if not self._wake.wait(IDLE_S):
+                return
+
+    @staticmethod
+    def _commit_batch(commit: Commit, batch: Batch) -> float | None:
+        """Commit ``batch``; every order gets a result, a failure included. Returns what
+        the store says it spent on it."""
+        try:
+            return commit(batch)
         except (StoreUnavailable, OutcomeUnknown) as failure:
             error: Exception = failure
         except Exception as bug:  # answer every waiting request with it, then go on
@@ -239,13 +344,14 @@ class GroupCommit:
             error = bug
         for order in batch:
             order.result = error
+        return None
 
     def _watch(self) -> None:
         """The watchdog: no order waits for its outcome longer than the timeout."""
         every = min(1.0, self.timeout / 4)
         while True:
             with self._lock:
-                if self._closed and not self._writer.is_alive():
+                if self._closed and not any(w.is_alive() for w in self._writers):
                     return
                 self._stop.wait(every)
                 cutoff = time.monotonic() - self.timeout
@@ -253,7 +359,7 @@ class GroupCommit:
                 while stale < len(self._pending) and self._pending[stale].queued <= cutoff:
                     stale += 1
                 withdrawn, self._pending[:stale] = self._pending[:stale], []
-                unknown = [order for order in self._batch
+                unknown = [order for batch in self._batches for order in batch
                            if not order.told and order.queued <= cutoff]
                 for order in (*withdrawn, *unknown):
                     order.told = True

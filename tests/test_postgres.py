@@ -28,12 +28,73 @@ from app.inventory import SoldOut
 from app.settings import Settings
 from app.stores import StoreSetupError, open_store
 from loadtest.spawn import ServiceProcess
-from tests.conftest import FakeClock, poll, postgres, run_cli, run_threads, service_process
+from tests.conftest import (
+    FakeClock,
+    poll,
+    postgres,
+    run_cli,
+    run_threads,
+    service_process,
+    sold_on_record,
+)
 from tests.support.pg import PostgresServer, free_port
 
 
 def settings(url: str, tickets: int = 100, **overrides: object) -> Settings:
     return Settings(**{"store": url, "tickets": tickets, **overrides})  # type: ignore[arg-type]
+
+
+# -- a database far away: pipelined batches ---------------------------------------------
+
+
+@contextmanager
+def far_away(url: str, delay_ms: float, logs: Path) -> Iterator[str]:
+    """``url`` reached through the bench's delay proxy: every chunk ``delay_ms`` late
+    each way, as across a network."""
+    from bench.load import port_of
+    from bench.procs import ServerProcess
+
+    parts = psycopg.conninfo.conninfo_to_dict(url)
+    proxy = ServerProcess("delayproxy", [
+        sys.executable, "-m", "bench.delayproxy", "--delay-ms", str(delay_ms),
+        "--target", f"{parts['host']}:{parts['port']}"], logs)
+    proxy.start()
+    try:
+        port = port_of(proxy.wait_listening())
+        yield url.replace(f":{parts['port']}/", f":{port}/")
+    finally:
+        proxy.stop()
+
+
+def test_batches_to_a_far_database_are_pipelined_and_sell_each_ticket_once(
+        postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """Through a 2 ms delay each way, batches leave while others are on their way (on
+    other connections of the one process), and the stock row's lock still orders them:
+    every ticket sold once, serials 1..N, the stock sold out exactly."""
+    total = 3000
+    url = postgres_server.new_database()
+    with far_away(url, 2.0, tmp_path) as far:
+        store = open_store(settings(far, total))
+        serials: list[list[int]] = [[] for _ in range(32)]
+        deadline = time.monotonic() + 60
+
+        def buy(index: int) -> None:
+            while time.monotonic() < deadline:
+                try:
+                    serials[index].extend(store.sell(1 + index % 2).serials)
+                except SoldOut:
+                    return
+
+        try:
+            run_threads(buy, 32, timeout=90)
+            pipelined = store._orders.pipelined  # type: ignore[attr-defined]
+            counts = store.counts()
+        finally:
+            store.close()
+    sold = sorted(s for mine in serials for s in mine)
+    assert pipelined > 0, "no batch left while another was on its way"
+    assert sold == list(range(1, total + 1))  # each once, no gap, sold out exactly
+    assert counts.sold == total and sold_on_record(url) == total
 
 
 # -- the store, opened twice (as two service processes would) --------------------------

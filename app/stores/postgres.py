@@ -2,10 +2,12 @@
 
 Sales go through the group commit (:mod:`app.groupcommit`); this module is its backend for
 PostgreSQL. A whole batch is sold by one call of a server-side function,
-``ticketbooth_sell``, sent on the writer's own connection in autocommit mode: the statement
-and its commit travel in one round trip, and the stock row's lock (the lesson's lock, which
-works across processes and machines) is taken inside the function and released by the
-commit, so it is never held while the network carries a message. The function sells the
+``ticketbooth_sell``, sent on a writer's own connection in autocommit mode (``WRITERS``
+of them, used one at a time while the database answers fast, pipelined when it is far
+away: see :mod:`app.groupcommit`): the statement and its commit travel in one round
+trip, and the stock row's lock (the lesson's lock, which works across processes and
+machines) is taken inside the function and released by the commit, so it is never held
+while the network carries a message. The function sells the
 batch in arrival order, greedily, writes one row of ``sales`` for the batch's consecutive
 serials, and writes each keyed order's receipt in the same transaction.
 
@@ -33,6 +35,7 @@ within seconds.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import select
 import time
@@ -81,6 +84,10 @@ PURGE_BATCH = 1000
 #: once again while a batch comes back full).
 EXPIRE_EVERY_S = 1.0
 EXPIRE_BATCH = 100
+#: Writers, each with its own connection: batches take turns on them, and are pipelined
+#: when the database is far away (app.groupcommit). They cost a connection each, idle
+#: while the database answers fast.
+WRITERS = 4
 #: Serials are bigint.
 MAX_SERIAL = 2**63 - 1
 #: Any constant will do: serialises schema creation among instances starting at once.
@@ -126,8 +133,10 @@ SCHEMA = (
     "DROP FUNCTION IF EXISTS ticketbooth_sell(integer[], text[], timestamptz, timestamptz, "
     "double precision)",
     # Commit a batch: one row per order, in order. Kinds: 'sell', 'hold', 'confirm',
-    # 'release'. For a sell or hold replayed from a receipt, the row carries the receipt
-    # (o_kind 'buy' or 'hold'; the caller tells a replay from a reuse of the key);
+    # 'release'; an array left NULL means every order has the default there (a sell, no
+    # key, no hold id, no ttl), so that a batch of keyless sales sends one array. For a
+    # sell or hold replayed from a receipt, the row carries the receipt (o_kind 'buy' or
+    # 'hold'; the caller tells a replay from a reuse of the key);
     # otherwise o_count is 0 when the order was sold out, and o_remaining is what was left
     # after it. A new hold has o_state 'held'; a confirm or release has the hold's state
     # after it (NULL for an unknown id), o_replayed when it changed nothing.
@@ -186,8 +195,8 @@ SCHEMA = (
             WHERE r.created > p_cutoff;
             v_earlier := coalesce(cardinality(live_keys), 0);
         END IF;
-        FOR i IN 1 .. coalesce(cardinality(p_kinds), 0) LOOP
-            v_kind := p_kinds[i];
+        FOR i IN 1 .. coalesce(cardinality(p_quantities), 0) LOOP
+            v_kind := coalesce(p_kinds[i], 'sell');
             v_key := p_keys[i];
             o_replayed := false;
             o_kind := NULL;
@@ -338,7 +347,10 @@ SCHEMA = (
     $$""",
 )
 
-SELL = ("SELECT * FROM ticketbooth_sell(%s::text[], %s::integer[], %s::text[], %s::text[], "
+# Each row ends with the seconds the database spent on the batch so far (the function
+# has run to its end when the rows are read): the group commit tells the trip from it.
+SELL = ("SELECT *, extract(epoch FROM clock_timestamp() - statement_timestamp())::float8 "
+        "FROM ticketbooth_sell(%s::text[], %s::integer[], %s::text[], %s::text[], "
         "%s::double precision[], %s, %s, %s::double precision)")
 EXPIRE = "SELECT ticketbooth_expire(%s)"
 #: Tickets held now: the live holds less those expired and not yet cleaned up.
@@ -487,8 +499,10 @@ class PostgresStore(GroupCommitted):
             self._pool.close()
             raise StoreSetupError(f"cannot open a connection pool to {self._where}: "
                                   f"{_one_line(error)}") from error
-        self._writer = _WriterConnection(url, options, self._where)
-        self._orders = GroupCommit(self._commit_batch, "postgres-writer",
+        self._writers = [_WriterConnection(url, options, self._where)
+                         for _ in range(WRITERS)]
+        self._orders = GroupCommit([functools.partial(self._commit_batch, writer)
+                                    for writer in self._writers], "postgres-writer",
                                    timeout=order_timeout,
                                    housekeeping=self._housekeeping)
 
@@ -583,13 +597,18 @@ class PostgresStore(GroupCommitted):
 
     # -- selling: the group commit's backend ---------------------------------------------
 
-    def _commit_batch(self, batch: Batch) -> None:
+    def _commit_batch(self, writer: _WriterConnection, batch: Batch) -> float:
         """Commit ``batch`` in one statement, committed with it (see the module's doc)."""
         now = self._clock()
-        rows = self._writer.run(SELL, (
-            [order.kind for order in batch], [order.quantity for order in batch],
-            [order.key for order in batch], [order.hold_id for order in batch],
-            [float(order.ttl) for order in batch],
+        plain = all(order.kind == "sell" for order in batch)
+        keyed = any(order.key is not None for order in batch)
+        rows = writer.run(SELL, (
+            None if plain else [order.kind for order in batch],
+            # An array literal: cheaper to make than a list for the driver to adapt.
+            "{" + ",".join([str(order.quantity) for order in batch]) + "}",
+            [order.key for order in batch] if keyed else None,
+            None if plain else [order.hold_id for order in batch],
+            None if plain else [float(order.ttl) for order in batch],
             datetime.fromtimestamp(now, UTC), datetime.fromtimestamp(now - self._key_ttl, UTC),
             self._chore_s))
         if len(rows) != len(batch):
@@ -597,36 +616,40 @@ class PostgresStore(GroupCommitted):
                                    f"{len(batch)} orders")
         for order, row in zip(batch, rows, strict=True):
             try:
-                order.result = _outcome(order, row, now)
+                order.result = _outcome(order, row[:-1], now)
             except Exception as refused:  # sold out again, the key reused, a hold's state
                 order.result = refused
+        spent: float = rows[-1][-1]
+        return spent
 
-    def _housekeeping(self) -> None:
-        self._expire_holds()
-        self._purge()
+    def _housekeeping(self, lane: int) -> None:
+        """Before a batch, on the connection of the writer about to send it."""
+        writer = self._writers[lane]
+        self._expire_holds(writer)
+        self._purge(writer)
 
-    def _expire_holds(self) -> None:
+    def _expire_holds(self, writer: _WriterConnection) -> None:
         """Clean up a small batch of expired holds now and then; count those this
         instance expired (each hold is expired by one call, on one instance)."""
         now = time.monotonic()
         if now < self._next_expiry:
             return
         with contextlib.suppress(StoreUnavailable, OutcomeUnknown):
-            expired = int(self._writer.run(EXPIRE, (EXPIRE_BATCH,))[0][0])
+            expired = int(writer.run(EXPIRE, (EXPIRE_BATCH,))[0][0])
             self._expired += expired
             if expired >= EXPIRE_BATCH:
                 return  # more are due: again before the next batch
         self._next_expiry = now + EXPIRE_EVERY_S
 
-    def _purge(self) -> None:
+    def _purge(self, writer: _WriterConnection) -> None:
         """Housekeeping before a batch: delete a batch of expired receipts now and then."""
         now = self._clock()
         if now < self._next_purge:
             return
         self._next_purge = now + self._purge_every
         with contextlib.suppress(StoreUnavailable, OutcomeUnknown):
-            self._writer.run(PURGE, (datetime.fromtimestamp(now - self._key_ttl, UTC),
-                                     PURGE_BATCH))
+            writer.run(PURGE, (datetime.fromtimestamp(now - self._key_ttl, UTC),
+                               PURGE_BATCH))
 
     def counts(self) -> Counts:
         row = self._transaction(lambda conn: conn.execute(COUNTS).fetchone())
@@ -659,7 +682,8 @@ class PostgresStore(GroupCommitted):
 
     def close(self) -> None:
         self._orders.close()
-        self._writer.close()
+        for writer in self._writers:
+            writer.close()
         self._pool.close(timeout=5.0)
 
 

@@ -137,7 +137,7 @@ class SqliteStore(GroupCommitted):
         self._live_lock = threading.Lock()
         self._expired = 0
         self._next_purge = 0.0
-        self._orders = GroupCommit(self._commit_batch, "sqlite-writer",
+        self._orders = GroupCommit([self._commit_batch], "sqlite-writer",
                                    timeout=order_timeout,
                                    housekeeping=self._housekeeping)
 
@@ -380,7 +380,7 @@ class SqliteStore(GroupCommitted):
             (hold_id,)).fetchone()
         return None if row is None else _hold(hold_id, row)
 
-    def _housekeeping(self) -> None:
+    def _housekeeping(self, lane: int) -> None:  # one writer: lane 0
         self._expire_holds()
         self._purge()
 
