@@ -13,7 +13,7 @@ A backend may give several writers, each with a "commit this batch" of its own (
 one connection each). While the store answers fast they take turns, one batch at a time, as
 one writer would. When every recent batch took long to come back (a database across a
 network: the round trip, not the work, is what takes the time), batches are pipelined:
-while one is on its way, the next leaves as soon as ``PIPELINE_MIN`` orders wait, on a free
+while one is on its way, the next leaves as soon as ``BUSY_BATCH`` orders wait, on a free
 writer, instead of waiting for the first to come back. The store orders the batches it
 receives (PostgreSQL: by the stock row's lock), and every order still gets its answer from
 its own commit.
@@ -69,10 +69,9 @@ IDLE_S = 0.5
 #: the last ``PIPELINE_WINDOW`` batches (a commit's time less what the store says it spent
 #: on it, waiting for its lock included) took ``PIPELINE_AFTER_S`` or more; a store on
 #: this machine is a fraction of a millisecond away. Then a free writer sends the next
-#: batch once ``PIPELINE_MIN`` orders wait.
+#: batch once ``BUSY_BATCH`` orders wait: a batch worth a commit of its own.
 PIPELINE_AFTER_S = 0.0015
 PIPELINE_WINDOW = 64
-PIPELINE_MIN = 8
 
 OrderKind: TypeAlias = Literal["sell", "restock", "hold", "confirm", "release"]
 
@@ -207,9 +206,9 @@ class GroupCommit:
             self._pending.append(order)
             waiting = len(self._pending)
             # Wake a writer only when one could send: with a batch on its way, only a
-            # pipelining one once PIPELINE_MIN wait (else the first writer back takes them).
+            # pipelining one once BUSY_BATCH wait (else the first writer back takes them).
             if self._batches:
-                if waiting == PIPELINE_MIN and self._pipelining:
+                if waiting == BUSY_BATCH and self._pipelining:
                     self._wake.notify()
             elif waiting == 1:
                 self._wake.notify()
@@ -314,12 +313,12 @@ class GroupCommit:
         near by (the last batch held ``BUSY_BATCH`` orders or more) waits up to
         ``GATHER_S`` for ``BUSY_BATCH`` of them. With one on its way, the next waits for a
         writer to come back, unless batches are far away (see ``PIPELINE_AFTER_S``): then
-        it leaves once ``PIPELINE_MIN`` orders wait.
+        it leaves once ``BUSY_BATCH`` orders wait.
         """
         gathered = False
         while not self._closed:
             if self._batches:
-                if self._pipelining and len(self._pending) >= PIPELINE_MIN:
+                if self._pipelining and len(self._pending) >= BUSY_BATCH:
                     return
             elif self._pending:
                 if (gathered or self._last < BUSY_BATCH or self._pipelining
