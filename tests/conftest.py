@@ -248,6 +248,24 @@ def service_process(*argv: str, stderr: IO[str] | int | None = None, ready: bool
         yield service
 
 
+@contextmanager
+def delay_proxy(target: str, delay_ms: float, logs: Path) -> Iterator[int]:
+    """The bench's delay proxy, its own process as the bench runs it, forwarding to
+    ``target`` (HOST:PORT) with every chunk ``delay_ms`` late each way; yields its port on
+    127.0.0.1 and stops it however the block ends."""
+    from bench.load import port_of
+    from bench.procs import ServerProcess
+
+    proxy = ServerProcess("delayproxy", [
+        sys.executable, "-m", "bench.delayproxy", "--target", target,
+        "--delay-ms", str(delay_ms)], logs)
+    proxy.start()
+    try:
+        yield port_of(proxy.wait_listening())
+    finally:
+        proxy.stop()
+
+
 def run_cli(*argv: str, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
     """``python -m app ARGV`` to its end, for starts that must fail (bounded)."""

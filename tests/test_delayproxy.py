@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import port_of
-from bench.procs import ServerProcess
+from tests.conftest import delay_proxy
 
 DELAY_S = 0.05
 #: Chunks sent one after another, GAP_S apart (less than the delay, so several are on
@@ -34,19 +32,12 @@ def link(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket]]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(10)
         port = listener.getsockname()[1]
-        proxy = ServerProcess("delayproxy", [
-            sys.executable, "-m", "bench.delayproxy", "--target", f"127.0.0.1:{port}",
-            "--delay-ms", str(DELAY_S * 1000)], tmp_path)
-        proxy.start()
-        try:
-            address = ("127.0.0.1", port_of(proxy.wait_listening()))
-            with socket.create_connection(address, timeout=10) as client:
-                upstream, _ = listener.accept()
-                with upstream:
-                    upstream.settimeout(10)
-                    yield client, upstream
-        finally:
-            proxy.stop()
+        with (delay_proxy(f"127.0.0.1:{port}", DELAY_S * 1000, tmp_path) as proxy_port,
+              socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as client):
+            upstream, _ = listener.accept()
+            with upstream:
+                upstream.settimeout(10)
+                yield client, upstream
 
 
 def _send_paced(sender: socket.socket, receiver: socket.socket,

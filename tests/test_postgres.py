@@ -30,6 +30,7 @@ from app.stores import StoreSetupError, open_store
 from loadtest.spawn import ServiceProcess
 from tests.conftest import (
     FakeClock,
+    delay_proxy,
     poll,
     postgres,
     run_cli,
@@ -51,19 +52,9 @@ def settings(url: str, tickets: int = 100, **overrides: object) -> Settings:
 def far_away(url: str, delay_ms: float, logs: Path) -> Iterator[str]:
     """``url`` reached through the bench's delay proxy: every chunk ``delay_ms`` late
     each way, as across a network."""
-    from bench.load import port_of
-    from bench.procs import ServerProcess
-
     parts = psycopg.conninfo.conninfo_to_dict(url)
-    proxy = ServerProcess("delayproxy", [
-        sys.executable, "-m", "bench.delayproxy", "--delay-ms", str(delay_ms),
-        "--target", f"{parts['host']}:{parts['port']}"], logs)
-    proxy.start()
-    try:
-        port = port_of(proxy.wait_listening())
+    with delay_proxy(f"{parts['host']}:{parts['port']}", delay_ms, logs) as port:
         yield url.replace(f":{parts['port']}/", f":{port}/")
-    finally:
-        proxy.stop()
 
 
 def test_batches_to_a_far_database_are_pipelined_and_sell_each_ticket_once(
