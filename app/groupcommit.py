@@ -140,7 +140,7 @@ class GroupCommit:
 
     def __init__(self, commits: Sequence[Commit], name: str, *,
                  timeout: float, housekeeping: Callable[[int], None] | None = None) -> None:
-        self._commits = list(commits)  # one writer thread each
+        self._several = len(commits) > 1  # several writers: their trips are timed
         # Run by a writer (given its index) before each of its batches, one at a time.
         self._housekeeping = housekeeping
         self._housekeeping_lock = threading.Lock()
@@ -165,7 +165,7 @@ class GroupCommit:
         self._writers = [
             threading.Thread(target=self._write_loop, args=(commit, lane),
                              name=name if lane == 0 else f"{name}-{lane + 1}", daemon=True)
-            for lane, commit in enumerate(self._commits)]
+            for lane, commit in enumerate(commits)]  # one writer thread each
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog",
                                           daemon=True)
         for writer in self._writers:
@@ -253,7 +253,6 @@ class GroupCommit:
         does, so while batches go one at a time one writer (and one connection) does
         all the work; when pipelining, a leader that takes a batch hands the lead on.
         """
-        several = len(self._commits) > 1
         while True:
             with self._lock:
                 while self._leader is not None and not self._closed:
@@ -277,7 +276,7 @@ class GroupCommit:
             started = time.monotonic()
             spent = self._commit_batch(commit, batch)
             with self._lock:
-                if several:
+                if self._several:
                     trips = self._trips
                     trips.append(time.monotonic() - started - (spent or 0.0))
                     self._pipelining = (len(trips) == PIPELINE_WINDOW
