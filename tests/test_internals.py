@@ -2,9 +2,11 @@
 
 ``app/server.py`` subclasses waitress's channel and task and drives its event loop;
 ``loadtest/booths.py`` takes a connection from requests' adapter and urllib3's pool and drives
-it directly. None of that is public API, so pyproject.toml pins waitress to the minor version
-tested and gives requests and urllib3 the floors that have it. After an upgrade (make lock
-LOCK_ARGS=--upgrade), a failure here names what moved, before anything else breaks oddly.
+it directly; ``app/stores/postgres.py`` dumps and loads a batch with a psycopg Transformer.
+None of that is public API, so pyproject.toml pins waitress and psycopg to the minor
+versions tested and gives requests and urllib3 the floors that have it. After an upgrade
+(make lock LOCK_ARGS=--upgrade), a failure here names what moved, before anything else
+breaks oddly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg.adapt
+import psycopg.pq
 import pytest
 import requests
 import requests.adapters
@@ -57,6 +61,17 @@ SIGNATURES: list[tuple[str, str, Callable[[], bool]]] = [
     ("waitress.task.ThreadedTaskDispatcher.add_task(task), .shutdown(timeout=)",
      "app/server.py", lambda: params(ThreadedTaskDispatcher.add_task) == ["task"]
      and takes(ThreadedTaskDispatcher.shutdown, "timeout")),
+    ("psycopg.adapt.Transformer.from_context(context), .dump_sequence(params, formats), "
+     ".set_pgresult(result), .load_rows(row0, row1, make_row)", "app/stores/postgres.py",
+     lambda: takes(psycopg.adapt.Transformer.from_context, "context")
+     and takes(psycopg.adapt.Transformer.dump_sequence, "params", "formats")
+     and takes(psycopg.adapt.Transformer.set_pgresult, "result")
+     and takes(psycopg.adapt.Transformer.load_rows, "row0", "row1", "make_row")),
+    ("psycopg.pq.PGconn.send_query_prepared, .prepare, .flush, .is_busy, .consume_input, "
+     ".get_result, .socket (public, documented)", "app/stores/postgres.py",
+     lambda: not missing(psycopg.pq.PGconn, ["send_query_prepared", "prepare", "flush",
+                                             "is_busy", "consume_input", "get_result",
+                                             "socket"])),
     ("requests.adapters.HTTPAdapter.get_connection_with_tls_context(request, verify)",
      "loadtest/booths.py", lambda: params(
          requests.adapters.HTTPAdapter.get_connection_with_tls_context)[:2]
