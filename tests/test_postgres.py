@@ -558,15 +558,19 @@ def test_a_batch_cut_off_mid_commit_answers_what_is_known(
             f"{booth.url}/buy", headers={"Idempotency-Key": "cut"}, timeout=60)))
         buyer.start()
         with psycopg.connect(url, autocommit=True) as conn:
-            def selling() -> int | None:
+            found: list[int] = []
+
+            def selling() -> bool:
+                # In the chore's pg_sleep: inside the function, not preparing the statement.
                 row = conn.execute("SELECT pid FROM pg_stat_activity WHERE state = 'active' "
                                    "AND query LIKE '%ticketbooth_sell(%' "
+                                   "AND wait_event = 'PgSleep' "
                                    "AND pid <> pg_backend_pid()").fetchone()
-                return int(row[0]) if row else None
+                found.extend([int(row[0])] if row else [])
+                return bool(row)
 
-            poll(lambda: selling() is not None, "the batch inside ticketbooth_sell", 15)
-            pid = selling()
-            assert pid is not None
+            poll(selling, "the batch inside ticketbooth_sell", 15)
+            pid = found[0]
             if cut == "terminate":
                 conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         if cut == "kill":
