@@ -19,6 +19,9 @@ from tests.conftest import poll, service_process
 # Another loopback address than the service's clients usually come from: a second client.
 OTHER_CLIENT = "127.0.0.2"
 THIRD_CLIENT = "127.0.0.3"
+# An address nothing but the test uses: the start-up readiness probe connects from
+# 127.0.0.1, and its connection may still count until the server has seen it close.
+FRESH_CLIENT = "127.0.0.4"
 
 
 def port_of(url: str) -> int:
@@ -176,18 +179,19 @@ def test_past_the_per_client_limit_a_connection_is_told_why() -> None:
     with service_process("--max-connections-per-client", "2", "--access-log", "off",
                          "--tickets", "10") as service, ExitStack() as held:
         port = port_of(service.url)
-        first, second = (held.enter_context(closing(connect(port))) for _ in range(2))
+        first, second = (held.enter_context(closing(connect(port, FRESH_CLIENT)))
+                         for _ in range(2))
         for sock in (first, second):  # each is served: a request answered on it
             sock.sendall(b"GET /remaining HTTP/1.1\r\nHost: booth\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
-        status, body = ask_from(service.url, "127.0.0.1", timeout=10)
+        status, body = ask_from(service.url, FRESH_CLIENT, timeout=10)
         assert status == 429 and body["error"] == "too_many_connections"
         assert "--max-connections-per-client" in str(body["message"])
         # Another address has slots of its own.
         assert ask_from(service.url, OTHER_CLIENT, timeout=10)[0] == 200
         # A closed connection gives its slot back (once the server has seen it close).
         first.close()
-        poll(lambda: ask_from(service.url, "127.0.0.1", timeout=10)[0] == 200,
+        poll(lambda: ask_from(service.url, FRESH_CLIENT, timeout=10)[0] == 200,
              "a slot given back")
 
 
