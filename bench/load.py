@@ -132,6 +132,9 @@ class Run:
     #: PostgreSQL's processes (rows on PostgreSQL only). None when nothing was sold.
     service_us_per_sale: float | None = None
     db_us_per_sale: float | None = None
+    #: Tickets sold per committed batch (rows on PostgreSQL only: its ``sales`` table has
+    #: one row per batch that sold), None when nothing was committed.
+    tickets_per_commit: float | None = None
     #: Runs redone because they got no answer at all (a stalled machine).
     retries: int = 0
 

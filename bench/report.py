@@ -90,6 +90,10 @@ class Measured:
         return self._median("db_us_per_sale")
 
     @property
+    def tickets_per_commit(self) -> float | None:
+        return self._median("tickets_per_commit")
+
+    @property
     def db_cpu(self) -> float | None:
         return self._median("db_cpu")
 
@@ -136,6 +140,8 @@ class Measured:
                 for kind, n in r.errors.items():
                     kinds[kind] = kinds.get(kind, 0) + n
             parts.append("errors: " + ", ".join(f"{k} {n}" for k, n in kinds.items() if n))
+        if self.tickets_per_commit is not None:
+            parts.append(f"{self.tickets_per_commit:,.1f} tickets per commit")
         if self.noisy:
             parts.append(f"NOISY: others competed for up to {self.noise:.2f} CPU")
         if self.discarded:
@@ -166,6 +172,7 @@ class Measured:
                 "proxy_cpu": self.proxy_cpu,
                 "service_us_per_sale": self.service_us_per_sale,
                 "db_us_per_sale": self.db_us_per_sale,
+                "tickets_per_commit": self.tickets_per_commit,
                 "foreign_cpu_max": self.foreign_cpu,
                 "foreign_load_cpu_max": self.foreign_load_cpu,
                 "noise_max": round(self.noise, 3),

@@ -125,6 +125,8 @@ SERVERS: dict[str, ServerSpec] = {
     "wsgi-hello": ServerSpec("wsgi"),
     "flask-hello": ServerSpec("flask"),
     "memory": ServerSpec("service"),
+    "memory-2a": ServerSpec("service"),
+    "memory-2b": ServerSpec("service"),
     "sqlite": ServerSpec("service", "sqlite:sqlite"),
     "postgres-1": ServerSpec("service", "postgres:1"),
     "postgres-2a": ServerSpec("service", "postgres:2"),
@@ -165,6 +167,8 @@ MEASUREMENTS: tuple[Measurement, ...] = (
                 note="body {\"quantity\": 1} as ticketbooth-load sends; same server as 'memory'"),
     Measurement("load-memory", "POST /buy, memory, by ticketbooth-load", ("memory",),
                 tool="ticketbooth-load", note="--booths 64, same server as 'memory'"),
+    Measurement("memory-2", "POST /buy, memory, 2 instances", ("memory-2a", "memory-2b"),
+                note="32 connections to each instance, a stock each: nothing shared"),
     Measurement("sqlite", "POST /buy, SQLite (durable)", ("sqlite",)),
     Measurement("postgres-1", "POST /buy, PostgreSQL, 1 instance", ("postgres-1",)),
     Measurement("postgres-2", "POST /buy, PostgreSQL, 2 instances",
@@ -220,6 +224,8 @@ CHECKS: tuple[CheckSpec, ...] = (
               "(the delay's cost)", "postgres-proxy-1", "postgres-proxy0-1"),
     CheckSpec("postgres-2-vs-1", "PostgreSQL 2 instances vs 1", "postgres-2", "postgres-1",
               0.95),
+    CheckSpec("memory-2-vs-1", "memory 2 instances vs 1 (two processes on one CPU, nothing "
+              "shared)", "memory-2", "memory"),
     CheckSpec("postgres-proxy-2-vs-1", "PostgreSQL 1 ms away, 2 instances vs 1",
               "postgres-proxy-2", "postgres-proxy-1", 0.95),
     CheckSpec("memory-keys-vs-memory", "memory /buy with keys vs without", "memory-keys",
@@ -445,6 +451,8 @@ class Bench:
                          for m in self.measurements}
         self.postgres_version = ""
         self.postmaster = 0
+        #: Each PostgreSQL store's database URL (``postgres:N`` -> URL).
+        self.databases: dict[str, str] = {}
         self.noise_budget: int = args.noise_redos
 
     # --- servers ----------------------------------------------------------------------
@@ -486,7 +494,7 @@ class Bench:
 
     def start_servers(self) -> None:
         needed = {s for m in self.measurements for s in m.servers}
-        databases = self._postgres(needed)
+        databases = self.databases = self._postgres(needed)
         proxies = self._start_proxies(needed)
         names = [n for n in SERVERS if n in needed]
         _say(f"bench: starting {len(names)} servers: {', '.join(names)}")
@@ -528,6 +536,19 @@ class Bench:
     def _db_seconds(self) -> float:
         return tree_cpu_seconds(self.postmaster) if self.postmaster else 0.0
 
+    def _commits(self, m: Measurement) -> tuple[int, int] | None:
+        """For a row on PostgreSQL: the batches committed so far that sold, and their
+        tickets (its ``sales`` table has a row per such batch)."""
+        store = SERVERS[m.servers[0]].store
+        if store not in self.databases:
+            return None
+        import psycopg
+
+        with psycopg.connect(self.databases[store], connect_timeout=5) as conn:
+            row = conn.execute("SELECT count(*), coalesce(sum(count), 0) FROM sales").fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
     def _load(self, m: Measurement, duration: int, rate: float | None = None, *,
               warm_up: bool = False) -> Run:
         return self._answered(m, duration, rate, warm_up)
@@ -552,6 +573,7 @@ class Bench:
         servers = [self.servers[name] for name in m.servers]
         cores = self.pinning.cores
         proxies = self._proxies_of(m)
+        commits_before = self._commits(m)  # before the CPU counts start: not the row's work
         served_before = sum(s.cpu_seconds() for s in servers)
         proxy_before = sum(p.cpu_seconds() for p in proxies)
         db_before = self._db_seconds()
@@ -582,6 +604,12 @@ class Bench:
         side = self._server_side_user_seconds() - side_before
         load_user = (_children_cpu_seconds(user_only=True) + self._proxy_seconds(user_only=True)
                      - load_user_before)
+        commits_after = self._commits(m)
+        if commits_before is not None and commits_after is not None:
+            batches = commits_after[0] - commits_before[0]
+            if batches:
+                result.tickets_per_commit = round(
+                    (commits_after[1] - commits_before[1]) / batches, 1)
         if not wall:
             return result
         result.server_cpu = round(served / result.seconds, 3) if result.seconds else None

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU_FIELDS = {"server_cpu", "load_cpu", "db_cpu", "proxy_cpu", "service_us_per_sale",
               "db_us_per_sale"}
 RUN_FIELDS = {"tool", "requests", "seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms",
-              "errors", "non_2xx", "foreign_cpu", "retries", *CPU_FIELDS}
+              "errors", "non_2xx", "foreign_cpu", "retries", "tickets_per_commit", *CPU_FIELDS}
 MEASUREMENT_FIELDS = {"name", "title", "tool", "repetitions", "median_rps", "min_rps",
                       "max_rps", "p50_ms", "p99_ms", "foreign_cpu_max", "noisy", "remarks",
-                      "runs", "discarded_runs", *CPU_FIELDS}
+                      "runs", "discarded_runs", "tickets_per_commit", *CPU_FIELDS}
 
 
 @pytest.mark.timeout(180)
@@ -59,6 +59,7 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
         assert set(m["runs"][0]) >= RUN_FIELDS
         assert m["runs"][0]["tool"] == "wrk"
         assert m["db_cpu"] is None and m["db_us_per_sale"] is None  # no PostgreSQL here
+        assert m["tickets_per_commit"] is None
     assert measurements["memory"]["service_us_per_sale"] > 0
     assert measurements["flask-hello"]["service_us_per_sale"] is None  # a hello sells nothing
     checks = {c["name"]: c for c in result["checks"]}
@@ -146,6 +147,15 @@ def test_cpu_per_sale_is_the_median_of_the_runs_service_then_database() -> None:
     assert [row.split(" | ")[column] for row in table[2:5]] == ["365/34", "89", "-"]
     assert pg.as_json()["db_us_per_sale"] == 34.0 and sold_out.as_json()[
         "service_us_per_sale"] is None
+
+
+def test_tickets_per_commit_is_the_median_of_the_runs_and_shown_in_the_notes() -> None:
+    pg, memory = _measured("pg", 1, 2, 3), _measured("memory", 1, 2)
+    for one, tickets in zip(pg.runs, (44.0, 27.5, 41.0), strict=True):
+        one.tickets_per_commit = tickets
+    assert pg.tickets_per_commit == 41.0 and pg.as_json()["tickets_per_commit"] == 41.0
+    assert "41.0 tickets per commit" in pg.remarks()
+    assert memory.tickets_per_commit is None and "per commit" not in memory.remarks()
 
 
 def test_wrk_script_spreads_threads_over_ports(tmp_path: Path) -> None:
