@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from app.inventory import (
+    CommitStats,
     Counts,
     Hold,
     Outcome,
@@ -159,8 +160,9 @@ class GroupCommit:
         self._pipelining = False  # whether the store is far away (see PIPELINE_AFTER_S)
         self._leader: int | None = None  # the writer waiting for orders, if one is
         self._spare = threading.Condition(self._lock)  # the other free writers wait here
-        #: Batches that left while another was on its way.
-        self.pipelined = 0
+        #: Batches taken, the orders in them, and those that left while another was on
+        #: its way.
+        self._taken = self._taken_orders = self._pipelined = 0
         self._closed = False
         self._writers = [
             threading.Thread(target=self._write_loop, args=(commit, lane),
@@ -181,6 +183,11 @@ class GroupCommit:
         """Whether a writer is committing a batch."""
         with self._lock:
             return bool(self._batches)
+
+    def stats(self) -> CommitStats:
+        """The batches taken so far, their orders, and how many were pipelined."""
+        with self._lock:
+            return CommitStats(self._taken, self._taken_orders, self._pipelined)
 
     @property
     def pending(self) -> int:
@@ -262,7 +269,9 @@ class GroupCommit:
                 batch, self._pending = self._pending, []
                 self._leader = None
                 if batch:
-                    self.pipelined += bool(self._batches)
+                    self._taken += 1
+                    self._taken_orders += len(batch)
+                    self._pipelined += bool(self._batches)
                     self._batches.append(batch)
                     self._last = len(batch)
                     if self._pipelining:
@@ -394,6 +403,9 @@ class GroupCommitted:
 
     def withdraw_pending(self) -> int:
         return self._orders.withdraw_all()
+
+    def commit_stats(self) -> CommitStats:
+        return self._orders.stats()
 
     def hold(self, quantity: int, ttl: float, key: str | None = None) -> Hold:
         result = self._orders.submit(Order(quantity, key, "hold", new_hold_id(), ttl))

@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "Booth",
+    "CommitStats",
     "Counts",
     "DeferringStore",
     "Hold",
@@ -53,6 +54,16 @@ class Sale:
     serials: range
     remaining: int
     replayed: bool = False
+
+
+class CommitStats(NamedTuple):
+    """What a group-committing store has committed: its batches (every one handed to the
+    database, failed ones too), the orders in them, and the batches that left while another
+    was on its way (pipelined: the database is far away)."""
+
+    batches: int
+    orders: int
+    pipelined: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +268,10 @@ class DeferringStore(Store, Protocol):
         """Stop taking orders and end those not yet being committed unsold (their ``done``
         or waiting caller gets :class:`StoreUnavailable`); return how many. For a shutdown
         whose grace period is over: what is being committed is still committed."""
+        ...
+
+    def commit_stats(self) -> CommitStats:
+        """What this store object has committed so far (its group commit's batches)."""
         ...
 
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.inventory import Store
+from app.inventory import DeferringStore, Store
 from app.parking import ENVIRON_KEY
 
 __all__ = ["AccessLog", "SalesRate", "Telemetry", "TelemetryMiddleware", "endpoint_of"]
@@ -100,6 +100,18 @@ class _StockCollector(Collector):
         for outcome, value in self._telemetry.hold_outcomes().items():
             holds.add_metric([outcome], value)
         yield holds
+        if isinstance(self._store, DeferringStore):  # a group commit: its batches
+            stats = self._store.commit_stats()
+            yield CounterMetricFamily(
+                "ticketbooth_commit_batches", "Batches of orders this instance handed to the "
+                "store to commit, one transaction each (failed ones too).", value=stats.batches)
+            yield CounterMetricFamily(
+                "ticketbooth_commit_orders", "Orders in those batches (over the batches: the "
+                "orders per commit).", value=stats.orders)
+            yield CounterMetricFamily(
+                "ticketbooth_commit_batches_pipelined", "Of those batches, the ones that left "
+                "while another was on its way (the database is far away).",
+                value=stats.pipelined)
 
 
 class AccessLog:

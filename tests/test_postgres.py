@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import requests
 
-from app.inventory import SoldOut
+from app.inventory import DeferringStore, SoldOut
 from app.settings import Settings
 from app.stores import StoreSetupError, open_store
 from loadtest.spawn import ServiceProcess
@@ -78,7 +78,8 @@ def test_batches_to_a_far_database_are_pipelined_and_sell_each_ticket_once(
 
         try:
             run_threads(buy, 32, timeout=90)
-            pipelined = store._orders.pipelined  # type: ignore[attr-defined]
+            assert isinstance(store, DeferringStore)
+            pipelined = store.commit_stats().pipelined
             counts = store.counts()
         finally:
             store.close()

@@ -72,6 +72,30 @@ def test_metrics_are_exact_under_many_threads(live_server: Callable[..., Any]) -
     assert metrics[("ticketbooth_http_requests_total", key)] == clients * each
 
 
+def test_metrics_count_the_group_commits_batches_and_their_orders(
+        live_server: Callable[..., Any], store_kind: str) -> None:
+    clients, each = 8, 5
+    with live_server(tickets=1000, threads=8) as url:
+
+        def client() -> None:
+            with requests.Session() as session:
+                for _ in range(each):
+                    assert session.post(f"{url}/buy", timeout=30).status_code == 200
+
+        run_threads(client, clients, indexed=False)
+        metrics = scrape(url)
+    names = {"ticketbooth_commit_batches_total", "ticketbooth_commit_orders_total",
+             "ticketbooth_commit_batches_pipelined_total"}
+    if store_kind == "memory":  # no group commit: every sale is its own step in memory
+        assert not names & {name for name, _ in metrics}
+        return
+    batches = metrics[("ticketbooth_commit_batches_total", ())]
+    assert metrics[("ticketbooth_commit_orders_total", ())] == clients * each
+    assert 1 <= batches <= clients * each
+    # Pipelining needs a full window of slow trips first: fewer batches never pipeline.
+    assert metrics[("ticketbooth_commit_batches_pipelined_total", ())] == 0
+
+
 def test_sales_rate_covers_the_last_minute_only() -> None:
     clock = FakeClock()
     rate = SalesRate(clock)
