@@ -56,16 +56,21 @@ def test_metrics_count_sales_requests_and_replays(live_server: Callable[..., Any
     assert count == 4
 
 
+def buy_from_threads(url: str, clients: int, each: int) -> None:
+    """``clients`` threads, each buying one ticket ``each`` times on its own session."""
+
+    def client() -> None:
+        with requests.Session() as session:
+            for _ in range(each):
+                assert session.post(f"{url}/buy", timeout=30).status_code == 200
+
+    run_threads(client, clients, indexed=False)
+
+
 def test_metrics_are_exact_under_many_threads(live_server: Callable[..., Any]) -> None:
     clients, each = 16, 25
     with live_server(tickets=10_000, threads=8) as url:
-
-        def client() -> None:
-            with requests.Session() as session:
-                for _ in range(each):
-                    assert session.post(f"{url}/buy", timeout=30).status_code == 200
-
-        run_threads(client, clients, indexed=False)
+        buy_from_threads(url, clients, each)
         metrics = scrape(url)
     assert metrics[("ticketbooth_tickets_sold_total", ())] == clients * each
     key = (("endpoint", "/buy"), ("method", "POST"), ("status", "200"))
@@ -76,13 +81,7 @@ def test_metrics_count_the_group_commits_batches_and_their_orders(
         live_server: Callable[..., Any], store_kind: str) -> None:
     clients, each = 8, 5
     with live_server(tickets=1000, threads=8) as url:
-
-        def client() -> None:
-            with requests.Session() as session:
-                for _ in range(each):
-                    assert session.post(f"{url}/buy", timeout=30).status_code == 200
-
-        run_threads(client, clients, indexed=False)
+        buy_from_threads(url, clients, each)
         metrics = scrape(url)
     names = {"ticketbooth_commit_batches_total", "ticketbooth_commit_orders_total",
              "ticketbooth_commit_batches_pipelined_total"}
