@@ -161,11 +161,16 @@ def test_sigkill_keeps_every_hold_and_confirmation(kind: str, tmp_path: Path,
                 assert state == "held", (hold_id, state)
                 assert time.monotonic() < deadline, f"hold {hold_id} never expired"
                 time.sleep(0.05)  # readiness poll: a 1 s hold runs out by the server's clock
+        # A hold committed but not answered before the kill is on record too, unknown to
+        # the test, and may run out meanwhile. Nothing is held any more, so the live holds
+        # can only shrink: the server's count lies between two readings by SQL around it.
+        before, _ = held_by_sql(kind, url)
         counts = session.get(f"{service}/remaining", timeout=5).json()
-        live, _ = held_by_sql(kind, url)
-        assert counts["held"] == live  # expired holds are back in the stock
+        after, _ = held_by_sql(kind, url)
+        assert after <= counts["held"] <= before  # expired holds are back in the stock
         assert counts["sold"] == sold_on_record(url) >= len(serials)
         assert counts["remaining"] == STOCK - counts["sold"] - counts["held"]
-        # And cleaned up in the background.
-        poll(lambda: held_by_sql(kind, url)[1] == live, "expired holds to be cleaned up", 30)
+        # And cleaned up in the background: no row still marked held has expired.
+        poll(lambda: len(set(held_by_sql(kind, url))) == 1, "expired holds to be cleaned up",
+             30)
         assert running.stop() == 0
