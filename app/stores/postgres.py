@@ -22,7 +22,9 @@ Idempotency keys across instances: the function reads and writes receipts only w
 holds the stock row's lock, so batches from every instance take their turns, each sees the
 receipts of every batch committed before it (and replays them), and no batch ever waits for
 another's keys: nothing to deadlock on. Receipts older than the TTL count as absent (a new
-sale takes the key over) and are purged in small batches.
+sale takes the key over) and are purged in small batches. As ``receipts`` grows, a writer
+analyzes it now and then (see ``ANALYZE_GROWTH``), so that no connection keeps a plan that
+scans the whole table for a batch's keys.
 
 Failures: a batch refused by the database (an error it reports) was rolled back, and its
 orders answer 503 ``store_unavailable``; one whose connection was lost after it was sent
@@ -86,6 +88,15 @@ PURGE_BATCH = 1000
 #: once again while a batch comes back full).
 EXPIRE_EVERY_S = 1.0
 EXPIRE_BATCH = 100
+#: Every so often a writer looks at how big ``receipts`` has grown, and analyzes it when it
+#: first finds receipts there and then whenever it has grown this many times over since.
+#: A connection keeps the plans of ``ticketbooth_sell`` that it made while the table was
+#: small (a new database): until the table is analyzed they scan all of it for a batch's
+#: keys (54 ms a batch of 40 at 60,000 receipts), and autovacuum may come round late or
+#: never. Analyzing replans them on every connection; it happens a few times over the
+#: table's life, the first ones at small sizes.
+ANALYZE_CHECK_EVERY_S = 5.0
+ANALYZE_GROWTH = 4
 #: Writers, each with its own connection: batches take turns on them, and are pipelined
 #: when the database is far away (app.groupcommit). They cost a connection each, idle
 #: while the database answers fast.
@@ -550,6 +561,8 @@ class PostgresStore(GroupCommitted):
         self._purge_every = min(PURGE_EVERY_S, key_ttl)
         self._next_purge = float("-inf")
         self._next_expiry = float("-inf")
+        self._next_size_check = float("-inf")
+        self._analyzed_bytes = 0  # receipts' size when last analyzed here
         self._expired = 0
         # The pool logs every checkout at INFO; keep its warnings (lost connections).
         logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
@@ -696,6 +709,7 @@ class PostgresStore(GroupCommitted):
         writer = self._writers[lane]
         self._expire_holds(writer)
         self._purge(writer)
+        self._analyze_receipts(writer)
 
     def _expire_holds(self, writer: _WriterConnection) -> None:
         """Clean up a small batch of expired holds now and then; count those this
@@ -719,6 +733,19 @@ class PostgresStore(GroupCommitted):
         with contextlib.suppress(StoreUnavailable, OutcomeUnknown):
             writer.run(PURGE, (datetime.fromtimestamp(now - self._key_ttl, UTC),
                                PURGE_BATCH))
+
+    def _analyze_receipts(self, writer: _WriterConnection) -> None:
+        """Analyze ``receipts`` once it has grown ANALYZE_GROWTH times over (see there)."""
+        now = time.monotonic()
+        if now < self._next_size_check:
+            return
+        self._next_size_check = now + ANALYZE_CHECK_EVERY_S
+        with contextlib.suppress(StoreUnavailable, OutcomeUnknown):
+            size = int(writer.run("SELECT pg_relation_size('receipts')", ())[0][0])
+            # Once early on (the first look that finds receipts), then as it grows.
+            if size and size >= ANALYZE_GROWTH * self._analyzed_bytes:
+                writer.run("ANALYZE receipts", ())
+                self._analyzed_bytes = size
 
     def counts(self) -> Counts:
         row = self._transaction(lambda conn: conn.execute(COUNTS).fetchone())
