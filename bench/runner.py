@@ -456,8 +456,11 @@ class Bench:
                          for m in self.measurements}
         self.postgres_version = ""
         self.postmaster = 0
-        #: Each PostgreSQL store's database URL (``postgres:N`` -> URL).
+        #: Each PostgreSQL store's database URL (``postgres:N`` -> URL), and the bench's own
+        #: connection to it, kept open: a backend per count would come and go inside a
+        #: run's CPU window, and the CPU of one gone is no longer in the tree counted.
         self.databases: dict[str, str] = {}
+        self._counting: dict[str, Any] = {}
         self.noise_budget: int = args.noise_redos
 
     # --- servers ----------------------------------------------------------------------
@@ -550,11 +553,17 @@ class Bench:
         import psycopg
 
         try:
-            with psycopg.connect(self.databases[store], connect_timeout=5) as conn:
-                row = conn.execute("SELECT count(*), coalesce(sum(count), 0) FROM sales"
-                                   ).fetchone()
+            conn = self._counting.get(store)
+            if conn is None:
+                conn = self._counting[store] = psycopg.connect(
+                    self.databases[store], autocommit=True, connect_timeout=5)
+                self.stack.callback(conn.close)
+            row = conn.execute("SELECT count(*), coalesce(sum(count), 0) FROM sales"
+                               ).fetchone()
         except psycopg.Error as exc:  # a figure missing, not a reason to stop the bench
             _say(f"bench: could not count {m.name}'s commits: {exc}")
+            if (broken := self._counting.pop(store, None)) is not None:
+                broken.close()
             return None
         assert row is not None
         return int(row[0]), int(row[1])
