@@ -3,7 +3,8 @@ away" for the bench (``python -m bench.delayproxy --target HOST:PORT --delay-ms 
 
 It listens on 127.0.0.1 (port 0: a free one) and prints ``listening on tcp://127.0.0.1:PORT``
 once it accepts. For each client it opens one connection to the target, and in each
-direction one thread stamps every chunk it reads with a due time (its arrival plus D),
+direction one thread stamps every chunk it reads with a due time (its arrival in the
+kernel plus D),
 queues it, and forwards the queued chunks in order, each no sooner than its due time.
 Reading goes on while chunks wait, so the delay adds latency, not a limit on throughput:
 chunks read 0.1 ms apart leave 0.1 ms apart, D later (as on a link with a long
@@ -20,6 +21,7 @@ import ctypes
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -34,6 +36,16 @@ __all__ = ["DelayProxy", "main", "parse_target"]
 PR_SET_TIMERSLACK = 29
 #: Bytes read at once from either side.
 CHUNK = 64 * 1024
+#: Linux's SO_TIMESTAMPNS (the socket module does not name it): each read comes with the
+#: kernel's time of the data's arrival on the socket, as a struct timespec (realtime).
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
+#: How long before a chunk's due time its thread stops sleeping and polls the clock
+#: instead: a timer wakes a thread tens of microseconds late here, and a sleeping CPU later
+#: still, which would lengthen every delay.
+SPIN_S = 0.0002
+#: The signals that end the proxy.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def parse_target(text: str) -> tuple[str, int]:
@@ -47,15 +59,22 @@ def parse_target(text: str) -> tuple[str, int]:
 class _Direction:
     """One direction of one connection, pumped by one thread: it reads each chunk as it
     comes, stamps it with its due time and queues it, and sends the queued chunks at their
-    due times, waiting for whichever comes first. ``select`` waits to the microsecond
-    (an event loop's timers wake on whole milliseconds, which would add most of a
-    millisecond to every delay), and with no hand-over between threads the proxy adds
-    little of its own. Reading waits for sending only while the receiver's socket buffer
-    is full."""
+    due times, waiting for whichever comes first. A chunk's delay counts from when the
+    kernel received it (``SO_TIMESTAMPNS``, where there is one), not from when this thread
+    woke to read it, and its thread sleeps until ``SPIN_S`` before its due time, then
+    polls the clock, so neither wake-up adds to the delay. ``select`` waits to the
+    microsecond (an event loop's timers wake on whole milliseconds, which would add most
+    of a millisecond to every delay). Reading waits for sending only while the receiver's
+    socket buffer is full."""
 
     def __init__(self, source: socket.socket, sink: socket.socket, delay_s: float,
                  closed: threading.Event) -> None:
         self.source, self.sink, self.delay_s, self.closed = source, sink, delay_s, closed
+        self.stamped = False
+        if delay_s:
+            with contextlib.suppress(OSError):
+                source.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                self.stamped = True
         self.thread = threading.Thread(target=self._pump, daemon=True)
         self.thread.start()
 
@@ -70,6 +89,10 @@ class _Direction:
                     if not self._send(queue.popleft()[1]):
                         return
                     continue
+                if timeout <= SPIN_S:  # nearly due: poll the clock, letting others run
+                    time.sleep(0)
+                    continue
+                timeout -= SPIN_S
             if not reading:
                 time.sleep(timeout or 0)
                 continue
@@ -77,13 +100,27 @@ class _Direction:
                 readable, _, _ = select.select([self.source], [], [], timeout)
                 if not readable:
                     continue
-                data = self.source.recv(CHUNK)
+                data, arrived = self._receive()
             except (OSError, ValueError):
-                data = b""
+                data, arrived = b"", time.monotonic()
                 self.closed.set()  # a reset or error on either side closes both
             # An end of stream is queued too, so it is delayed like data.
-            queue.append((time.monotonic() + self.delay_s, data))
+            queue.append((arrived + self.delay_s, data))
             reading = bool(data)
+
+    def _receive(self) -> tuple[bytes, float]:
+        """A chunk, and when it arrived on the monotonic clock: the kernel's time of its
+        (last) arrival where the socket is stamped, else now."""
+        if not self.stamped:
+            return self.source.recv(CHUNK), time.monotonic()
+        data, ancillary, _, _ = self.source.recvmsg(CHUNK, socket.CMSG_SPACE(_TIMESPEC.size))
+        now, wall = time.monotonic(), time.time()
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack(payload[:_TIMESPEC.size])
+                age = wall - (seconds + nanoseconds / 1e9)
+                return data, now - min(max(age, 0.0), self.delay_s)
+        return data, now
 
     def _send(self, data: bytes) -> bool:
         """Pass a chunk on (an empty one: the half-close); False once the stream ends."""
@@ -111,7 +148,13 @@ class DelayProxy:
         """Accept clients for ever, one thread to look after each."""
         while True:
             client, _ = listener.accept()
-            threading.Thread(target=self._client, args=(client,), daemon=True).start()
+            # The stopping signals go to this thread alone: a signal the kernel gave a
+            # forwarding thread would leave this one asleep in accept().
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                threading.Thread(target=self._client, args=(client,), daemon=True).start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _client(self, client: socket.socket) -> None:
         try:
@@ -166,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _tight_timers()
     listener = socket.create_server(("127.0.0.1", args.port))
+    # Linux switches receive stamps on for the whole system lazily (by deferred work) when
+    # the first socket asks: asking now, before any client, stamps their first chunks.
+    with contextlib.suppress(OSError):
+        listener.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     port = listener.getsockname()[1]
     print(f"delayproxy: {args.delay_ms:g} ms each way to {args.target[0]}:{args.target[1]}, "
           f"listening on tcp://127.0.0.1:{port}", flush=True)

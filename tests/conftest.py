@@ -249,10 +249,10 @@ def service_process(*argv: str, stderr: IO[str] | int | None = None, ready: bool
 
 
 @contextmanager
-def delay_proxy(target: str, delay_ms: float, logs: Path) -> Iterator[int]:
+def delay_proxy(target: str, delay_ms: float, logs: Path) -> Iterator[tuple[int, int]]:
     """The bench's delay proxy, its own process as the bench runs it, forwarding to
     ``target`` (HOST:PORT) with every chunk ``delay_ms`` late each way; yields its port on
-    127.0.0.1 and stops it however the block ends."""
+    127.0.0.1 and its pid, and stops it however the block ends."""
     from bench.load import port_of
     from bench.procs import ServerProcess
 
@@ -261,7 +261,9 @@ def delay_proxy(target: str, delay_ms: float, logs: Path) -> Iterator[int]:
         "--delay-ms", str(delay_ms)], logs)
     proxy.start()
     try:
-        yield port_of(proxy.wait_listening())
+        port = port_of(proxy.wait_listening())
+        assert proxy.proc is not None
+        yield port, proxy.proc.pid
     finally:
         proxy.stop()
 

@@ -9,35 +9,48 @@ because those bounds are what the proxy is for.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import delay_proxy
+from bench.delayproxy import SO_TIMESTAMPNS
+from tests.conftest import delay_proxy, poll
 
 DELAY_S = 0.05
+#: How long the proxy is stopped (SIGSTOP) while a chunk reaches it: longer than the delay.
+STALL_S = 0.2
 #: Chunks sent one after another, GAP_S apart (less than the delay, so several are on
 #: their way at once).
 CHUNKS = 10
 GAP_S = 0.005
 
 
-@pytest.fixture
-def link(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket]]:
-    """(client, upstream): a connection through a proxy delaying each way by DELAY_S."""
+@contextmanager
+def _linked(logs: Path) -> Iterator[tuple[socket.socket, socket.socket, int]]:
+    """(client, upstream, the proxy's pid): a connection through a proxy delaying each way
+    by DELAY_S."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(10)
         port = listener.getsockname()[1]
-        with (delay_proxy(f"127.0.0.1:{port}", DELAY_S * 1000, tmp_path) as proxy_port,
+        with (delay_proxy(f"127.0.0.1:{port}", DELAY_S * 1000, logs) as (proxy_port, pid),
               socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as client):
             upstream, _ = listener.accept()
             with upstream:
                 upstream.settimeout(10)
-                yield client, upstream
+                yield client, upstream, pid
+
+
+@pytest.fixture
+def link(tmp_path: Path) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(client, upstream): a connection through a proxy delaying each way by DELAY_S."""
+    with _linked(tmp_path) as (client, upstream, _):
+        yield client, upstream
 
 
 def _send_paced(sender: socket.socket, receiver: socket.socket,
@@ -117,3 +130,48 @@ def test_an_end_of_stream_is_passed_on_after_the_data(
     while data := client.recv(1024):
         answer += data
     assert answer == b"still heard"
+
+
+@pytest.mark.timeout(60)
+def test_the_delay_counts_from_the_arrival_not_from_when_the_proxy_reads(
+        tmp_path: Path) -> None:
+    """A proxy that is slow to wake (here: stopped outright) does not lengthen the delay:
+    each chunk is due DELAY_S after the kernel received it, so a chunk that waited
+    STALL_S (> DELAY_S) to be read is forwarded at once, not DELAY_S after that."""
+    # Linux switches receive stamps on lazily when a socket first asks for them; a socket
+    # of the test's own that asks first makes sure they are on before the proxy starts.
+    with socket.socket() as stamped:
+        stamped.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        received, sent, arrived = _stalled_send(tmp_path)
+    assert received == b"while it sleeps"
+    # Bounds that are the behaviour: never sooner than the delay (it was stalled longer),
+    # and well short of the stall plus the delay, which a proxy that stamps a chunk when
+    # it reads it would take.
+    assert STALL_S <= arrived - sent < STALL_S + DELAY_S * 0.8
+
+
+def _stalled_send(logs: Path) -> tuple[bytes, float, float]:
+    """Send a chunk through a proxy stopped for STALL_S; what arrived, when it was sent,
+    and when it arrived."""
+    with _linked(logs) as (client, upstream, pid):
+        client.sendall(b"warm")  # the proxy's threads for this connection are up
+        assert upstream.recv(16) == b"warm"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            poll(lambda: _stopped(pid), "every thread of the proxy to stop")
+            sent = time.monotonic()
+            client.sendall(b"while it sleeps")
+            time.sleep(STALL_S)  # the fault's length: the proxy stays stopped this long
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        received = b""
+        while len(received) < len(b"while it sleeps"):
+            received += upstream.recv(1024)
+        return received, sent, time.monotonic()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T in /proc)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return all((task / "stat").read_text().rpartition(")")[2].split()[0] == "T"
+               for task in tasks.iterdir())

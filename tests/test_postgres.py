@@ -53,7 +53,7 @@ def far_away(url: str, delay_ms: float, logs: Path) -> Iterator[str]:
     """``url`` reached through the bench's delay proxy: every chunk ``delay_ms`` late
     each way, as across a network."""
     parts = psycopg.conninfo.conninfo_to_dict(url)
-    with delay_proxy(f"{parts['host']}:{parts['port']}", delay_ms, logs) as port:
+    with delay_proxy(f"{parts['host']}:{parts['port']}", delay_ms, logs) as (port, _):
         yield url.replace(f":{parts['port']}/", f":{port}/")
 
 
