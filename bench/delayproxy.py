@@ -4,8 +4,8 @@ away" for the bench (``python -m bench.delayproxy --target HOST:PORT --delay-ms 
 It listens on 127.0.0.1 (port 0: a free one) and prints ``listening on tcp://127.0.0.1:PORT``
 once it accepts. For each client it opens one connection to the target, and in each
 direction one thread stamps every chunk it reads with a due time (its arrival in the
-kernel plus D),
-queues it, and forwards the queued chunks in order, each no sooner than its due time.
+kernel plus D), queues it, and forwards the queued chunks in order, each no sooner than
+its due time.
 Reading goes on while chunks wait, so the delay adds latency, not a limit on throughput:
 chunks read 0.1 ms apart leave 0.1 ms apart, D later (as on a link with a long
 propagation delay). An end of stream is delayed like data and passed on as a
