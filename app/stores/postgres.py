@@ -99,8 +99,10 @@ ANALYZE_CHECK_EVERY_S = 5.0
 ANALYZE_GROWTH = 4
 #: Writers, each with its own connection: batches take turns on them, and are pipelined
 #: when the database is far away (app.groupcommit). They cost a connection each, idle
-#: while the database answers fast.
-WRITERS = 4
+#: while the database answers fast. Two batches on their way at once are enough: with
+#: more, each leaves smaller and the commits cost more CPU per sale, here and in the
+#: database, for no more sales (docs/performance.md).
+WRITERS = 2
 #: Serials are bigint.
 MAX_SERIAL = 2**63 - 1
 #: Any constant will do: serialises schema creation among instances starting at once.
