@@ -295,14 +295,16 @@ def _measure_rows(measured: Iterable[Measured]) -> list[list[str]]:
         if not m.runs:
             continue
         low, high = min(r.rps for r in m.runs), max(r.rps for r in m.runs)
-        rows.append([m.title, m.tool, f"{m.rps:,.0f}", f"{low:,.0f}..{high:,.0f}",
+        seconds = statistics.median(r.seconds for r in m.runs)
+        rows.append([m.title, m.tool, f"{m.rps:,.0f}", f"{len(m.runs)} x {seconds:.0f} s",
+                     f"{low:,.0f}..{high:,.0f}",
                      f"{m.p50_ms:.2f}", f"{m.p99_ms:.2f}", _cpu(m.server_cpu),
                      _per_sale(m), _cpu(m.load_cpu), _others(m), m.remarks()])
     return rows
 
 
-def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
-    header = ["measurement", "tool", f"req/s (median of {repeat})", "min..max", "p50 ms",
+def format_text(measured: Iterable[Measured], checks: Sequence[Check]) -> str:
+    header = ["measurement", "tool", "req/s (median)", "runs", "min..max", "p50 ms",
               "p99 ms", "service CPU", PER_SALE, "load CPU", "others' CPU (server/load)",
               "notes"]
     lines = _table(header, _measure_rows(measured))
@@ -313,11 +315,11 @@ def format_text(measured: Iterable[Measured], checks: Sequence[Check], repeat: i
     return "\n".join(lines)
 
 
-def format_markdown(measured: Iterable[Measured], checks: Sequence[Check], repeat: int) -> str:
-    lines = [f"| measurement | tool | requests/s (median of {repeat}) | min..max | p50 ms | "
+def format_markdown(measured: Iterable[Measured], checks: Sequence[Check]) -> str:
+    lines = ["| measurement | tool | requests/s (median) | runs | min..max | p50 ms | "
              f"p99 ms | service CPU | {PER_SALE} | load CPU | others' CPU (server/load) | "
              "notes |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _measure_rows(measured)]
     lines += ["", "| ratio or limit | measured | target | verdict | notes |",
               "|---|---:|---:|---|---|"]

@@ -20,7 +20,9 @@ Every server runs with the production features on: the default plain access log
 (to a file), Prometheus metrics and idempotency support. All servers are started first and
 stay up; the repetitions are interleaved (repetition 1 of every measurement, then
 repetition 2, ...) so that a noisy neighbour on this shared machine hits every measurement
-alike, and the ratios compare figures taken minutes apart at most. The servers (and
+alike. The closed loops make many short repetitions (15 of 1 s), so that each measurement's
+median is taken over the same mix of the machine's moments; the open loops, which need a
+few seconds to settle at their rate, fewer longer ones (3 of 5 s). The servers (and
 PostgreSQL) are pinned to one CPU and the load to the other where the machine allows.
 Each run also records the CPU the service, PostgreSQL and the load used (and per sale),
 and the CPU other users of the machine took on the bench's CPUs; a run they disturbed is
@@ -96,7 +98,16 @@ P99_LIMIT_MS = 10.0
 #: Times a run that got no answer at all is redone before the bench gives up.
 MAX_RETRIES = 2
 #: Extra runs that may replace noisy ones in one bench (under a minute at 5 s each).
-NOISE_BUDGET = 8
+NOISE_BUDGET = 16
+#: Closed loops: many short repetitions, interleaved across the measurements. This shared
+#: machine's speed swings by up to 2x from one second to the next and drifts over tens of
+#: seconds, so that a few long runs of two measurements met different machines; short
+#: ones spread over the whole bench meet the same mix (docs/performance.md).
+REPEAT = 15
+DURATION_S = 1
+#: Open loops: a few longer runs, since an open loop needs time to settle at its rate.
+OPEN_REPEAT = 3
+OPEN_DURATION_S = 5
 #: Measurements a --smoke run makes.
 SMOKE = ("flask-hello", "memory")
 #: The delay proxy's delay each way, in ms: a database on another machine nearby.
@@ -249,7 +260,11 @@ METHOD_NOTES = (
     "wrk sending that same request (memory-as-booths), not with the empty POST.",
     "Figures are medians over the repetitions (requests/s, p50 and p99 each on its own); "
     "ratios are ratios of medians from this one run. Repetitions are interleaved across "
-    "measurements, after one warm-up run per server.",
+    "measurements, each round in another order, after one warm-up run per server. Closed "
+    "loops run many short repetitions (--repeat, --duration), since this machine's speed "
+    "swings from one second to the next: short runs spread over the whole bench meet the "
+    "same mix of it; open loops run a few longer ones (--open-repeat, --open-duration), "
+    "since an open loop needs time to settle at its rate.",
     "Every service runs `ticketbooth serve` with its defaults: 4 waitress threads, the plain "
     "access log (stderr, to a file in OUT/logs/), Prometheus metrics, idempotency support; "
     "requests carry no Idempotency-Key except in the *-keys rows.",
@@ -296,8 +311,9 @@ METHOD_NOTES = (
     "A run is noisy when others took more than the noise limit (0.1 CPU by default) on the "
     "servers' CPU, or on the load's CPU while it was full (generator and others above 0.9 "
     "CPU). After the repetitions, each measurement with a noisy run gets one more run, "
-    "round after round, up to 8 extra runs per bench, and keeps its quietest runs (by "
-    "others' CPU, never by the figures; the others are listed as discarded in the JSON). "
+    "round after round, up to 16 extra runs per bench (--noise-redos), and keeps its "
+    "quietest runs (by others' CPU, never by the figures; the others are listed as "
+    "discarded in the JSON). "
     "Measurements still noisy are marked NOISY.",
     "p99 at half the peak: ticketbooth-load --rate R --booths 64 (open loop, latency from "
     "each request's intended send time, so coordinated omission is corrected); Debian has "
@@ -324,10 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 the bench ran (MISSes included: it is a report), 2 it could "
                "not run, 130 interrupted. Measurements: "
                + ", ".join(m.name for m in MEASUREMENTS) + ".")
-    p.add_argument("--repeat", type=positive_int, default=3, metavar="N",
-                   help="repetitions of every measurement; the median is reported (default 3)")
-    p.add_argument("--duration", type=positive_int, default=5, metavar="SECONDS",
-                   help="seconds of load per repetition, whole seconds (default 5)")
+    p.add_argument("--repeat", type=positive_int, default=REPEAT, metavar="N",
+                   help="repetitions of every closed-loop measurement; the median is "
+                        f"reported (default {REPEAT})")
+    p.add_argument("--duration", type=positive_int, default=DURATION_S, metavar="SECONDS",
+                   help="seconds of load per closed-loop repetition, whole seconds "
+                        f"(default {DURATION_S})")
+    p.add_argument("--open-repeat", type=positive_int, default=OPEN_REPEAT, metavar="N",
+                   help="repetitions of every open loop (p99 at half the peak rate and its "
+                        f"generator floor); the median is reported (default {OPEN_REPEAT})")
+    p.add_argument("--open-duration", type=positive_int, default=OPEN_DURATION_S,
+                   metavar="SECONDS",
+                   help="seconds of load per open-loop repetition, whole seconds (default "
+                        f"{OPEN_DURATION_S}): an open loop needs a few seconds to hold its "
+                        "rate")
     p.add_argument("--warmup", type=non_negative_int, default=1, metavar="SECONDS",
                    help="seconds of unrecorded load on each server before its first "
                         "repetition (default 1; 0 for none)")
@@ -352,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-redos", type=non_negative_int, default=NOISE_BUDGET,
                    metavar="N",
                    help="extra runs the bench may make, after the repetitions, of measurements "
-                        "with a noisy run; each keeps its --repeat quietest runs (default "
+                        "with a noisy run; each keeps its --repeat (or --open-repeat) quietest "
+                        "runs (default "
                         f"{NOISE_BUDGET}; 0: never)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin servers and load to separate CPUs with taskset")
@@ -366,6 +393,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--connections must be a multiple of {WRK_THREADS} (wrk's threads)")
     if args.smoke:
         args.repeat, args.duration, args.warmup, args.noise_redos = 1, 1, 0, 0
+        args.open_repeat, args.open_duration = 1, 1
         args.only = args.only or list(SMOKE)
     return args
 
@@ -669,12 +697,19 @@ class Bench:
         peaks = [m for m in self.measurements if m.half_peak_of is None]
         opens = [m for m in self.measurements if m.half_peak_of is not None]
         for phase in (peaks, opens):
-            for rep in range(self.args.repeat):
-                shift = rep % len(phase) if phase else 0
+            repeat, duration = self._plan(phase[0]) if phase else (0, 0)
+            for rep in range(repeat):
+                shift = rep % len(phase)
                 for m in phase[shift:] + phase[:shift]:  # another order each repetition
-                    self._record(m, f"{rep + 1}/{self.args.repeat}",
-                                 self._load(m, self.args.duration, self._rate(m)))
+                    self._record(m, f"{rep + 1}/{repeat}",
+                                 self._load(m, duration, self._rate(m)))
             self._quiet_up(phase)
+
+    def _plan(self, m: Measurement) -> tuple[int, int]:
+        """A measurement's repetitions and seconds per repetition."""
+        if m.half_peak_of is None:
+            return self.args.repeat, self.args.duration
+        return self.args.open_repeat, self.args.open_duration
 
     def _rate(self, m: Measurement) -> float | None:
         return self.measured[m.half_peak_of].rps / 2 if m.half_peak_of else None
@@ -695,10 +730,10 @@ class Bench:
                 self.noise_budget -= 1
                 _say(f"bench: {m.name} was noisy (others competed for "
                      f"{self.measured[m.name].noise:.2f} CPU): one more run")
-                self._record(m, "extra", self._load(m, self.args.duration, self._rate(m)))
+                self._record(m, "extra", self._load(m, self._plan(m)[1], self._rate(m)))
 
     def _record(self, m: Measurement, rep: str, result: Run) -> None:
-        self.measured[m.name].offer(result, self.args.repeat)
+        self.measured[m.name].offer(result, self._plan(m)[0])
         extra = f" at {result.rate:,.0f} asked" if result.rate is not None else ""
         bad = f", {result.non_2xx} not 2xx" if result.non_2xx else ""
         _say(f"bench: [{rep}] {m.name:<17} {result.rps:9,.0f} req/s"
@@ -734,7 +769,7 @@ def _bench(args: argparse.Namespace) -> int:
     machine["postgres"] = bench.postgres_version or None
     measured = [bench.measured[m.name] for m in bench.measurements]
     checks = evaluate(CHECKS, bench.measured)
-    text = format_text(measured, checks, args.repeat)
+    text = format_text(measured, checks)
     print(text)
     noisy = [m.name for m in measured if m.noisy]
     print(f"\n{pinning.note}; load average before {machine['loadavg_before']}, after "
@@ -750,6 +785,7 @@ def _bench(args: argparse.Namespace) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
         "command": " ".join([PROG, *args.argv]),
         "config": {"repeat": args.repeat, "duration_s": args.duration,
+                   "open_repeat": args.open_repeat, "open_duration_s": args.open_duration,
                    "warmup_s": args.warmup, "connections": args.connections,
                    "wrk_threads": WRK_THREADS, "smoke": args.smoke,
                    "noise_limit_cpus": args.noise_limit, "noise_redos": args.noise_redos,
@@ -760,7 +796,7 @@ def _bench(args: argparse.Namespace) -> int:
         "measurements": [m.as_json() for m in measured],
         "checks": [c.as_json() for c in checks],
     }
-    write_results(args.out, result, measured, checks, args.repeat)
+    write_results(args.out, result, measured, checks)
     verdicts = [c.verdict for c in checks]
     print(f"\nbench: {verdicts.count('PASS')} PASS, {verdicts.count('MISS')} MISS; wrote "
           f"{args.out / 'bench.json'}, bench.md, bench.png (in {result['elapsed_s']} s)")
@@ -768,7 +804,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def write_results(out: Path, result: dict[str, Any], measured: Sequence[Measured],
-                  checks: Sequence[Check], repeat: int) -> None:
+                  checks: Sequence[Check]) -> None:
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     noisy = result["noisy_measurements"]
     warning = (f"\n\nNOISY: others took more than {result['config']['noise_limit_cpus']:g} CPU "
@@ -776,7 +812,7 @@ def write_results(out: Path, result: dict[str, Any], measured: Sequence[Measured
     (out / "bench.md").write_text(
         f"Made by `{result['command']}` on {result['started_at']} "
         f"({result['machine']['pinning']}).{warning}\n\n"
-        + format_markdown(measured, checks, repeat), encoding="utf-8")
+        + format_markdown(measured, checks), encoding="utf-8")
     write_chart(out / "bench.png", measured, checks,
                 f"ticketbooth bench {result['started_at']}: {result['machine']['pinning']}")
 

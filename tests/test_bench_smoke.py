@@ -73,10 +73,34 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert not (out / "work").exists()  # scratch files are removed
 
 
+@pytest.mark.timeout(120)
+def test_closed_and_open_loops_have_their_own_repetitions_and_durations(
+        tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed: `make test` installs it", pytrace=False)
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "bench", "--only", "p99-memory", "--repeat",
+                           "2", "--duration", "1", "--open-repeat", "1", "--open-duration",
+                           "2", "--warmup", "0", "--noise-redos", "0", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=100, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert (result["config"]["repeat"], result["config"]["duration_s"]) == (2, 1)
+    assert (result["config"]["open_repeat"], result["config"]["open_duration_s"]) == (1, 2)
+    runs = {m["name"]: m["runs"] for m in result["measurements"]}
+    assert len(runs["memory"]) == 2 and len(runs["p99-memory"]) == 1
+    # Each run's own clock: wrk's and the generator's (a bound on a length the run chose).
+    assert all(0.9 <= r["seconds"] <= 1.5 for r in runs["memory"]), runs["memory"]
+    assert 1.9 <= runs["p99-memory"][0]["seconds"] <= 2.5, runs["p99-memory"]
+    assert "| 2 x 1 s |" in (out / "bench.md").read_text()
+
+
 def test_bench_usage_errors_exit_2() -> None:
     assert run(["--connections", "63"]) == 2
     assert run(["--only", "no-such-measurement"]) == 2
     assert run(["--repeat", "0"]) == 2
+    assert run(["--open-repeat", "0"]) == 2
+    assert run(["--open-duration", "0"]) == 2
 
 
 def _measured(name: str, *rps: float, p99: float = 1.0) -> Measured:
@@ -141,7 +165,7 @@ def test_cpu_per_sale_is_the_median_of_the_runs_service_then_database() -> None:
         one.service_us_per_sale, one.db_us_per_sale = service, db
     for one, service in zip(sqlite.runs, (80.0, 98.0), strict=True):
         one.service_us_per_sale = service
-    table = format_markdown([pg, sqlite, sold_out], [], 3).splitlines()
+    table = format_markdown([pg, sqlite, sold_out], []).splitlines()
     assert PER_SALE in table[0]
     column = table[0].split(" | ").index(PER_SALE)
     assert [row.split(" | ")[column] for row in table[2:5]] == ["365/34", "89", "-"]
