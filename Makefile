@@ -113,7 +113,7 @@ container-test: $(VENV)/.installed-test container-deps
 demo: $(VENV)/.installed-run
 	$(BIN)/python -m loadtest.demo
 
-# The benchmark (python -m bench; about 5 minutes, see docs/performance.md): every store
+# The benchmark (python -m bench; about 6 minutes, see docs/performance.md): every store
 # against a bare WSGI hello and a Flask hello on the same waitress settings; results in
 # bench-results/.
 # Extra flags in BENCH_ARGS, e.g. make bench BENCH_ARGS="--only memory sqlite --repeat 5".
