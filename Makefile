@@ -116,7 +116,7 @@ demo: $(VENV)/.installed-run
 # The benchmark (python -m bench; about 6 minutes, see docs/performance.md): every store
 # against a bare WSGI hello and a Flask hello on the same waitress settings; results in
 # bench-results/.
-# Extra flags in BENCH_ARGS, e.g. make bench BENCH_ARGS="--only memory sqlite --repeat 5".
+# Extra flags in BENCH_ARGS, e.g. make bench BENCH_ARGS="--only memory sqlite --repeat 25".
 BENCH_ARGS ?=
 bench: $(VENV)/.installed-test wrk postgres-server
 	$(BIN)/python -m bench $(BENCH_ARGS)
