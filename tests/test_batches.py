@@ -57,12 +57,13 @@ def sale_rows(kind: str, url: str) -> list[tuple[int, int]]:
         return [tuple(row) for row in conn.execute(query)]  # type: ignore[misc]
 
 
-def sell_as_one_batch(kind: str, url: str, store: Store) -> list[Outcome]:
-    """Sell 1, then BATCH while the writer is busy with that first sale."""
+def sell_as_one_batch(kind: str, url: str, store: Store,
+                      batch: list[tuple[int, str | None]] = BATCH) -> list[Outcome]:
+    """Sell 1, then ``batch`` while the writer is busy with that first sale."""
     if kind == "memory":
         store.sell(1)
         outcomes: list[Outcome] = []
-        for quantity, key in BATCH:
+        for quantity, key in batch:
             try:
                 outcomes.append(store.sell(quantity, key))
             except Exception as error:
@@ -82,9 +83,9 @@ def sell_as_one_batch(kind: str, url: str, store: Store) -> list[Outcome]:
         # The writer takes the first order alone, and is held up committing it.
         orders = store._orders  # type: ignore[attr-defined]
         poll(lambda: not orders.pending, "the writer to take the first order")
-        for index, (quantity, key) in enumerate(BATCH):
+        for index, (quantity, key) in enumerate(batch):
             store.sell_later(quantity, key, done(index))  # type: ignore[attr-defined]
-    for _ in range(len(BATCH) + 1):
+    for _ in range(len(batch) + 1):
         assert all_told.acquire(timeout=30), "an order was never told its outcome"
     first = dict(told).pop(-1)
     assert isinstance(first, Sale) and list(first.serials) == [1]
@@ -110,6 +111,36 @@ def test_a_batch_sells_in_arrival_order_greedily(make_store: Stores) -> None:
     if make_store.kind != "memory":
         # The first sale alone, then the whole batch in one transaction: one row each.
         assert sale_rows(make_store.kind, make_store.url) == [(1, 1), (2, 6)]
+
+
+@pytest.mark.parametrize(("held", "quantities", "expected"), [
+    (0, [3, 2, 1], [[2, 3, 4], [5, 6], [7]]),  # the stock covers the batch exactly
+    (0, [3, 2, 2], [[2, 3, 4], [5, 6], None]),  # short by one: the last is sold out
+    (2, [3, 1], [[2, 3, 4], [5]]),  # exactly what is not held
+    (2, [3, 2, 1], [[2, 3, 4], None, [5]]),  # the held tickets are not for sale
+])
+def test_a_keyless_batch_sells_whole_or_greedily_around_held_tickets(
+        make_store: Stores, held: int, quantities: list[int],
+        expected: list[list[int] | None]) -> None:
+    """Keyless batches the stock covers whole take PostgreSQL's one-statement path, the
+    others the greedy one: the answers are the same either way, on every store."""
+    store = make_store(7)
+    if held:
+        store.hold(held, 600)
+    outcomes = sell_as_one_batch(make_store.kind, make_store.url, store,
+                                 [(quantity, None) for quantity in quantities])
+    left = 6 - held
+    for outcome, quantity, serials in zip(outcomes, quantities, expected, strict=True):
+        if serials is None:
+            assert isinstance(outcome, SoldOut) and outcome.remaining == left, outcome
+        else:
+            left -= quantity
+            assert isinstance(outcome, Sale), outcome
+            assert list(outcome.serials) == serials and outcome.remaining == left
+    counts = store.counts()
+    assert (counts.sold, counts.held) == (7 - held - left, held)
+    if make_store.kind != "memory":
+        assert sale_rows(make_store.kind, make_store.url) == [(1, 1), (2, 6 - held - left)]
 
 
 @pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])

@@ -377,6 +377,30 @@ SELL = (b"SELECT *, extract(epoch FROM clock_timestamp() - statement_timestamp()
         b"FROM ticketbooth_sell($1::text[], $2::integer[], $3::text[], $4::text[], "
         b"$5::double precision[], $6::timestamptz, $7::timestamptz, $8::double precision)")
 SELL_NAME = b"ticketbooth_sell"
+# A batch of keyless sales that the stock covers whole, the common case under load, in one
+# plain statement: the stock row's UPDATE takes its lock and adds the batch's tickets, but
+# only when what is neither sold nor held (expired holds not cleaned up counted as held)
+# covers them all; each order's serials follow from the quantities before it. It answers
+# the function's rows, or none when the stock might not cover the batch: then the function
+# sells it, greedily. It costs PostgreSQL about a third less CPU per batch than the
+# function (plpgsql's statements, one by one), and a batch is what two instances pay half
+# as many tickets for. Prepared under SELL_WHOLE_NAME.
+SELL_WHOLE = b"""
+    WITH q AS (SELECT u.x, u.i, sum(u.x) OVER (ORDER BY u.i) AS cum
+               FROM unnest($1::integer[]) WITH ORDINALITY AS u(x, i)),
+    s AS (UPDATE stock SET sold = sold + (SELECT sum(x) FROM q)
+          WHERE total - sold - held >= (SELECT sum(x) FROM q)
+          RETURNING sold - (SELECT sum(x) FROM q) AS start, total,
+                    held - (SELECT coalesce(sum(h.quantity), 0) FROM holds h
+                            WHERE h.state = 'held'
+                              AND h.expires_at <= clock_timestamp()) AS live_held),
+    sale AS (INSERT INTO sales (first_serial, count, sold_at)
+             SELECT s.start + 1, (SELECT sum(x) FROM q), $2::timestamptz FROM s)
+    SELECT q.x, s.start + q.cum - q.x + 1, q.x, s.total - s.start - q.cum - s.live_held,
+           false, 'buy'::text, NULL::text, NULL::text, NULL::timestamptz,
+           extract(epoch FROM clock_timestamp() - statement_timestamp())::float8
+    FROM s, q ORDER BY q.i"""
+SELL_WHOLE_NAME = b"ticketbooth_sell_whole"
 EXPIRE = "SELECT ticketbooth_expire(%s)"
 #: Tickets held now: the live holds less those expired and not yet cleaned up.
 COUNTS = """
@@ -447,9 +471,10 @@ class _WriterConnection:
         self._conn: Connection[Any] | None = None
         self._adapt: adaptation.Transformer | None = None  # for self._conn
 
-    def sell(self, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """Run the prepared batch statement (SELL) with ``params``; its rows. Raises as
-        :meth:`run` does."""
+    def sell(self, params: tuple[Any, ...], name: bytes = SELL_NAME
+             ) -> list[tuple[Any, ...]]:
+        """Run the prepared batch statement ``name`` (SELL, or SELL_WHOLE) with
+        ``params``; its rows. Raises as :meth:`run` does."""
         conn = self._connection()
         adapt = self._adapt
         assert adapt is not None
@@ -458,7 +483,7 @@ class _WriterConnection:
         lost: psycopg.Error | None = None
         try:
             values = adapt.dump_sequence(params, [PyFormat.TEXT] * len(params))
-            pgconn.send_query_prepared(SELL_NAME, values)
+            pgconn.send_query_prepared(name, values)
             while pgconn.flush():
                 select.select([], [pgconn.socket], [])
             while True:
@@ -519,11 +544,12 @@ class _WriterConnection:
         if conn is None:
             try:
                 conn = psycopg.connect(self._url, autocommit=True, **self._options)
-                prepared = conn.pgconn.prepare(SELL_NAME, SELL)
-                if prepared.status != ExecStatus.COMMAND_OK:
-                    conn.close()
-                    raise psycopg.OperationalError(
-                        prepared.error_message.decode(errors="replace"))
+                for name, statement in ((SELL_NAME, SELL), (SELL_WHOLE_NAME, SELL_WHOLE)):
+                    prepared = conn.pgconn.prepare(name, statement)
+                    if prepared.status != ExecStatus.COMMAND_OK:
+                        conn.close()
+                        raise psycopg.OperationalError(
+                            prepared.error_message.decode(errors="replace"))
             except psycopg.Error as error:
                 log.warning("PostgreSQL at %s unavailable: %s", self._where, _one_line(error))
                 raise StoreUnavailable("the ticket database cannot be reached; nothing was "
@@ -566,6 +592,8 @@ class PostgresStore(GroupCommitted):
         self._next_size_check = float("-inf")
         self._analyzed_bytes = 0  # receipts' size when last analyzed here
         self._expired = 0
+        # Whether the last keyless batch left stock for another like it (see SELL_WHOLE).
+        self._stock_covers = True
         # The pool logs every checkout at INFO; keep its warnings (lost connections).
         logging.getLogger("psycopg.pool").setLevel(logging.WARNING)
         try:
@@ -686,18 +714,25 @@ class PostgresStore(GroupCommitted):
         now = self._clock()
         plain = all(order.kind == "sell" for order in batch)
         keyed = any(order.key is not None for order in batch)
-        rows = writer.sell((
-            None if plain else [order.kind for order in batch],
-            # An array literal: cheaper to make than a list for the driver to adapt.
-            "{" + ",".join([str(order.quantity) for order in batch]) + "}",
-            [order.key for order in batch] if keyed else None,
-            None if plain else [order.hold_id for order in batch],
-            None if plain else [float(order.ttl) for order in batch],
-            datetime.fromtimestamp(now, UTC), datetime.fromtimestamp(now - self._key_ttl, UTC),
-            self._chore_s))
+        # An array literal: cheaper to make than a list for the driver to adapt.
+        quantities = "{" + ",".join([str(order.quantity) for order in batch]) + "}"
+        at = datetime.fromtimestamp(now, UTC)
+        whole = plain and not keyed and not self._chore_s  # the chore runs in the function
+        rows = []
+        if whole and self._stock_covers:
+            rows = writer.sell((quantities, at), SELL_WHOLE_NAME)
+        if not rows:
+            rows = writer.sell((
+                None if plain else [order.kind for order in batch], quantities,
+                [order.key for order in batch] if keyed else None,
+                None if plain else [order.hold_id for order in batch],
+                None if plain else [float(order.ttl) for order in batch],
+                at, datetime.fromtimestamp(now - self._key_ttl, UTC), self._chore_s))
         if len(rows) != len(batch):
             raise StoreUnavailable(f"the database answered {len(rows)} outcomes for "
                                    f"{len(batch)} orders")
+        if whole:  # near sold out, try the whole batch again once one would fit
+            self._stock_covers = rows[-1][3] >= sum(order.quantity for order in batch)
         for order, row in zip(batch, rows, strict=True):
             try:
                 order.result = _outcome(order, row[:-1], now)
