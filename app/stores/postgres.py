@@ -9,7 +9,9 @@ trip, and the stock row's lock (the lesson's lock, which works across processes 
 machines) is taken inside the function and released by the commit, so it is never held
 while the network carries a message. The function sells the
 batch in arrival order, greedily, writes one row of ``sales`` for the batch's consecutive
-serials, and writes each keyed order's receipt in the same transaction.
+serials, and writes each keyed order's receipt in the same transaction. A batch of keyless
+sales that the stock covers whole, the common case, takes a cheaper path of the same shape:
+one plain statement (``SELL_WHOLE``), the stock row's UPDATE and the sale's row.
 
 Holds are orders of the same batches: the function creates, confirms and releases them
 under the same lock, with ``stock.held`` counting the tickets of live holds. Expiry is
