@@ -715,17 +715,17 @@ class PostgresStore(GroupCommitted):
         now = self._clock()
         plain = all(order.kind == "sell" for order in batch)
         keyed = any(order.key is not None for order in batch)
-        # An array literal: cheaper to make than a list for the driver to adapt.
-        quantities = "{" + ",".join([str(order.quantity) for order in batch]) + "}"
         at = datetime.fromtimestamp(now, UTC)
         whole = plain and not keyed and not self._chore_s  # the chore runs in the function
+        tickets = sum(order.quantity for order in batch) if whole else 0
         rows = []
         if whole and self._stock_covers:
-            rows = _whole_rows(batch, writer.sell(
-                (sum(order.quantity for order in batch), at), SELL_WHOLE_NAME))
+            rows = _whole_rows(batch, writer.sell((tickets, at), SELL_WHOLE_NAME))
         if not rows:
             rows = writer.sell((
-                None if plain else [order.kind for order in batch], quantities,
+                None if plain else [order.kind for order in batch],
+                # An array literal: cheaper to make than a list for the driver to adapt.
+                "{" + ",".join([str(order.quantity) for order in batch]) + "}",
                 [order.key for order in batch] if keyed else None,
                 None if plain else [order.hold_id for order in batch],
                 None if plain else [float(order.ttl) for order in batch],
@@ -734,7 +734,7 @@ class PostgresStore(GroupCommitted):
             raise StoreUnavailable(f"the database answered {len(rows)} outcomes for "
                                    f"{len(batch)} orders")
         if whole:  # near sold out, try the whole batch again once one would fit
-            self._stock_covers = rows[-1][3] >= sum(order.quantity for order in batch)
+            self._stock_covers = rows[-1][3] >= tickets
         for order, row in zip(batch, rows, strict=True):
             try:
                 order.result = _outcome(order, row[:-1], now)
